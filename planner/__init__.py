@@ -1,0 +1,30 @@
+"""A memory-aware training planner for PyTorch.
+
+    graph = planner.profile(model, batch, loss_fn=..., optimizer=...)
+    sim = planner.simulate(graph)          # predicted peak and timeline
+    real = planner.measure(model, batch, loss_fn=..., optimizer=...)
+
+Submodules that need no torch (graph, simulate) import without it, so the
+solvers can use them; the rest is loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "profile": "planner.profiler",
+    "simulate": "planner.simulator",
+    "measure": "planner.measurement",
+    "load_scenario": "planner.scenario",
+    "ProfiledGraph": "planner.graph",
+    "Batch": "planner.step",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'planner' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,166 @@
+"""The profiled graph: what one training step of a model did, as plain frozen data.
+
+Nothing here imports torch, so solvers can read a profile without it. Sizes are
+in bytes, times in milliseconds, and moments of the step in *ticks*: every
+allocation, free and operator call of the profiled step advances the clock by
+one, so a tick orders everything that happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import networkx as nx
+
+
+class Category(str, Enum):
+    """What a piece of device memory is for."""
+
+    PARAMETERS = "parameters"
+    BUFFERS = "buffers"
+    INPUTS = "inputs"
+    OPTIMIZER = "optimizer state"
+    GRADIENTS = "gradients"
+    ACTIVATIONS = "activations"
+    TRANSIENTS = "transients"
+
+
+FIXED_CATEGORIES = (Category.PARAMETERS, Category.BUFFERS, Category.INPUTS, Category.OPTIMIZER)
+
+
+class Phase(str, Enum):
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    OPTIMIZER = "optimizer"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operator call inside a unit's forward.
+
+    `out_bytes` counts the new storages the op allocated; `saved_bytes` those
+    of them that autograd kept for backward.
+    """
+
+    name: str
+    flops: int
+    ms: float
+    out_bytes: int
+    saved_bytes: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One call of a module the planner may act on (a module called T times is T units)."""
+
+    index: int
+    name: str  # fully qualified module name ("" for the root)
+    call: int  # 0 for the first call of that module in the step
+    kind: str  # class name
+    fwd_ms: float
+    bwd_ms: float
+    fwd_flops: int
+    bwd_flops: int
+    saved_bytes: int  # storages it allocated that autograd saved for backward, counted once
+    input_bytes: int
+    output_bytes: int
+    fwd_start: int  # tick
+    fwd_end: int  # tick
+    bwd_start: int | None  # tick at which backward first used a tensor it saved
+    ops: tuple[Op, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Stable identifier: `name#call`."""
+        return f"{self.name or '<root>'}#{self.call}"
+
+
+@dataclass(frozen=True)
+class Block:
+    """One storage allocated during the step, and its life.
+
+    `owner` is the unit whose forward (or backward) allocated it, `savers` the
+    units whose forward saved it for backward (-1 stands for code outside every
+    unit), `last_use` the last forward tick at which an operator read it.
+    """
+
+    bytes: int
+    category: Category
+    phase: Phase
+    alloc: int  # tick
+    free: int | None  # tick; None: alive at the end of the step
+    owner: int | None = None
+    savers: frozenset[int] = frozenset()
+    last_use: int | None = None
+
+
+@dataclass(frozen=True)
+class FixedMemory:
+    """Memory alive through the whole steady-state step, in bytes."""
+
+    parameters: int
+    buffers: int
+    inputs: int
+    optimizer: int
+
+    def by_category(self) -> dict[Category, int]:
+        return {
+            Category.PARAMETERS: self.parameters,
+            Category.BUFFERS: self.buffers,
+            Category.INPUTS: self.inputs,
+            Category.OPTIMIZER: self.optimizer,
+        }
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.buffers + self.inputs + self.optimizer
+
+
+@dataclass(frozen=True)
+class ProfiledGraph:
+    """A profiled training step: units, their data edges, fixed memory and the allocation trace.
+
+    `phases` maps each phase to its (first tick, last tick). `measured_times`
+    is False when times were estimated from FLOPs (profiling on the meta device).
+    """
+
+    model: str
+    fingerprint: str
+    device: str
+    units: tuple[Unit, ...]
+    edges: tuple[tuple[int, int], ...]
+    fixed: FixedMemory
+    blocks: tuple[Block, ...]
+    phases: dict[Phase, tuple[int, int]]
+    step_ms: float
+    measured_times: bool
+    first_step_extra_bytes: int = 0  # optimizer state the first step allocates
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def end_tick(self) -> int:
+        return self.phases[Phase.OPTIMIZER][1]
+
+    def dag(self) -> nx.DiGraph:
+        """The units as a networkx DAG, edges by tensor identity."""
+        g = nx.DiGraph()
+        g.add_nodes_from(u.index for u in self.units)
+        g.add_edges_from(self.edges)
+        return g
+
+    def chain_links(self) -> set[tuple[int, int]]:
+        """Edges u->v where u feeds only v and v reads only from u."""
+        g = self.dag()
+        return {(u, v) for u, v in g.edges if g.out_degree(u) == 1 and g.in_degree(v) == 1}
+
+    def is_chain(self) -> bool:
+        """True when the units form one path with pure chain links."""
+        n = len(self.units)
+        return len(self.chain_links()) == n - 1 and all((i, i + 1) in set(self.edges) for i in range(n - 1))
+
+    def unit(self, key: str) -> Unit:
+        for u in self.units:
+            if u.key == key:
+                return u
+        raise KeyError(key)

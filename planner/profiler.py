@@ -1,0 +1,374 @@
+"""Profile one real training step of a model into a ProfiledGraph.
+
+    graph = planner.profile(model, batch, loss_fn=lambda out: F.cross_entropy(out, y), optimizer=opt)
+
+The step runs once under a dispatch mode that sees every operator and every
+new storage, with module hooks marking the units and saved-tensor hooks
+telling which storages autograd keeps for backward and when backward first
+needs them. The model, its buffers, the optimizer and the random number
+generators are left exactly as they were found. On the meta device nothing
+is allocated and times come from FLOPs and bytes (`planner.costmodel`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import flop_registry
+
+from planner import costmodel
+from planner.graph import Block, Category, FixedMemory, Op, Phase, ProfiledGraph, Unit
+from planner.step import Batch, LossFn, device_of, train_step
+from planner.tracking import StorageTracker, allocated_bytes, storage_bytes, storage_key, tensors_in
+from planner.units import UnitSpec, fingerprint, select_units
+
+OUTSIDE = -1  # saver index for code outside every unit
+
+
+@dataclass(eq=False)
+class _Block:
+    bytes: int
+    phase: Phase
+    alloc: int
+    owner: int | None
+    free: int | None = None
+    savers: set[int] = field(default_factory=set)
+    sources: frozenset[int] = frozenset()  # units whose outputs this storage was computed from
+    last_use: int | None = None
+
+
+@dataclass
+class _Op:
+    name: str
+    flops: int
+    ms: float
+    blocks: list[_Block]
+
+
+@dataclass
+class _Unit:
+    name: str
+    call: int
+    kind: str
+    fwd_start: int
+    input_bytes: int
+    fwd_end: int = 0
+    bwd_start: int | None = None
+    output_bytes: int = 0
+    fwd_ms: float = 0.0
+    bwd_ms: float = 0.0
+    fwd_flops: int = 0
+    bwd_flops: int = 0
+    preds: set[int] = field(default_factory=set)
+    ops: list[_Op] = field(default_factory=list)
+
+
+class _Recorder(StorageTracker):
+    """Records blocks, ops and units during the profiled step."""
+
+    def __init__(self, device: torch.device, existing: list[torch.Tensor]) -> None:
+        super().__init__(device, existing)
+        self.phase = Phase.FORWARD
+        self.phase_ticks: dict[Phase, list[int]] = {}
+        self.current: int | None = None  # the unit running now (forward, or backward by saved tensors)
+        self.units: list[_Unit] = []
+        self.open: dict[int, _Block] = {}
+        self.blocks: list[_Block] = []
+        self.other_ms = 0.0
+
+    def set_phase(self, phase: Phase) -> None:
+        if self.phase_ticks:
+            self.phase_ticks[self.phase].append(self.tick)
+        self.phase = phase
+        self.phase_ticks[phase] = [self.tick + 1]
+        self.current = None
+
+    def finish(self) -> None:
+        self.phase_ticks[self.phase].append(self.tick)
+        self.stop_tracking()
+
+    # Storages.
+    def on_alloc(self, key: int, nbytes: int) -> None:
+        block = _Block(nbytes, self.phase, self.tick, self.current)
+        self.open[key] = block
+        self.blocks.append(block)
+
+    def on_free(self, key: int) -> None:
+        block = self.open.pop(key, None)
+        if block is not None:
+            block.free = self.tick
+
+    # Operators.
+    def on_op(self, func, args, kwargs, out, inputs: set[int], new: list[int]) -> None:
+        flops = _flops(func, args, kwargs, out)
+        ms = self.op_ms
+        if self.device.type == "meta":
+            ms = costmodel.REFERENCE.op_ms(flops, _bytes_moved(args, kwargs, out))
+        unit = self.units[self.current] if self.current is not None else None
+        if self.phase is Phase.FORWARD:
+            self._trace_forward(inputs, new)
+            if unit is not None:
+                unit.fwd_ms += ms
+                unit.fwd_flops += flops
+                unit.ops.append(_Op(str(func.overloadpacket), flops, ms, [self.open[k] for k in new]))
+                return
+        elif self.phase is Phase.BACKWARD and unit is not None:
+            unit.bwd_ms += ms
+            unit.bwd_flops += flops
+            return
+        self.other_ms += ms
+
+    def _trace_forward(self, inputs: set[int], new: list[int]) -> None:
+        read = [self.open[k] for k in inputs if k in self.open]
+        for block in read:
+            block.last_use = self.tick
+        if self.current is None:
+            sources = frozenset().union(*(b.sources for b in read))
+        else:
+            sources = frozenset({self.current})
+            for block in read:
+                if block.owner != self.current:
+                    self.units[self.current].preds |= block.sources
+        for key in new:
+            self.open[key].sources = sources
+        for block in read:  # in-place results carry what was written into them
+            if block.owner != self.current and self.current is not None:
+                block.sources = block.sources | sources
+
+    # Saved tensors.
+    def pack(self, t: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        block = self.open.get(storage_key(t))
+        if block is not None and self.phase is Phase.FORWARD:
+            block.savers.add(OUTSIDE if self.current is None else self.current)
+        return t, self.current
+
+    def unpack(self, packed: tuple[torch.Tensor, int | None]) -> torch.Tensor:
+        t, unit = packed
+        if self.phase is Phase.BACKWARD and unit is not None:
+            self.current = unit
+            if self.units[unit].bwd_start is None:
+                self.units[unit].bwd_start = self.tick
+        return t
+
+    # Units.
+    def enter_unit(self, name: str, call: int, module: nn.Module, inputs: Any) -> None:
+        self.units.append(_Unit(name, call, type(module).__name__, self.tick, storage_bytes(tensors_in(inputs))))
+        self.current = len(self.units) - 1
+
+    def exit_unit(self, output: Any) -> None:
+        unit = self.units[self.current]
+        unit.fwd_end = self.tick
+        unit.output_bytes = storage_bytes(tensors_in(output))
+        self.current = None
+
+
+def _flops(func, args, kwargs, out) -> int:
+    count = flop_registry.get(func.overloadpacket)
+    return int(count(*args, **kwargs, out_val=out)) if count is not None else 0
+
+
+def _bytes_moved(args, kwargs, out) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors_in((args, kwargs, out)))
+
+
+@contextlib.contextmanager
+def unit_hooks(model: nn.Module, names: list[str], enter, exit) -> Iterator[None]:
+    """Calls enter(name, call, module, inputs) and exit(output) around each outermost unit call."""
+    modules = dict(model.named_modules())
+    calls = dict.fromkeys(names, 0)
+    active: list[bool] = []  # per hooked call in flight: is it the outermost unit call?
+
+    def pre(name: str):
+        def hook(module, args, kwargs):
+            outermost = not any(active)
+            active.append(outermost)
+            if outermost:
+                enter(name, calls[name], module, (args, kwargs))
+                calls[name] += 1
+
+        return hook
+
+    def post(module, args, kwargs, output):
+        if active.pop():
+            exit(output)
+
+    handles = []
+    for name in names:
+        module = modules[name]
+        handles.append(module.register_forward_pre_hook(pre(name), with_kwargs=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Restores parameters, buffers, gradients, optimizer state and RNG states on exit."""
+    tensors = [*model.parameters(), *model.buffers()]
+    saved = [t.detach().to("cpu", copy=True) if t.is_cuda else t.detach().clone() for t in tensors]
+    grads = [p.grad for p in model.parameters()]
+    opt_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    for p in model.parameters():
+        p.grad = None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, s in zip(tensors, saved):
+                t.copy_(s)
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
+        if optimizer is not None:
+            optimizer.state.clear()
+            optimizer.load_state_dict(opt_state)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def profile(
+    model: nn.Module,
+    example_batch: Any,
+    loss_fn: LossFn | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    units: UnitSpec = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> ProfiledGraph:
+    """Run one training step with hooks and return what it did.
+
+    `example_batch` is a tensor (one positional input), a tuple or list
+    (positional inputs), a dict (keyword inputs) or a `Batch`. `loss_fn`
+    turns the model's output into a scalar (default: the output itself, its
+    `.loss`, or the sum of its tensors). `units` chooses the modules a plan
+    acts on (see `planner.units.select_units`).
+    """
+    batch = Batch.of(example_batch)
+    names = select_units(model, units)
+    device = device_of(model, batch)
+    groups = fixed_groups(model, batch, optimizer)
+    grads: list[_Block] = []
+
+    with preserved(model, optimizer):
+        rec = _Recorder(device, [t for ts in groups.values() for t in ts])
+
+        def on_phase(phase: Phase) -> None:
+            if phase is Phase.OPTIMIZER:  # the gradients are all there now
+                keys = {storage_key(p.grad) for p in model.parameters() if p.grad is not None}
+                grads.extend(rec.open[k] for k in keys if k in rec.open)
+            rec.set_phase(phase)
+
+        start = time.perf_counter()
+        try:
+            with unit_hooks(model, names, rec.enter_unit, rec.exit_unit), torch.autograd.graph.saved_tensors_hooks(
+                rec.pack, rec.unpack
+            ), rec:
+                train_step(model, batch, loss_fn, optimizer, autocast_dtype, on_phase)
+        except Exception as err:
+            raise type(err)(f"the training step failed on the example batch: {err}") from err
+        step_ms = (time.perf_counter() - start) * 1e3
+        opt_state = [rec.open[k] for k in map(storage_key, _optimizer_tensors(optimizer)) if k in rec.open]
+        rec.finish()
+    return _graph(model, device, rec, step_ms, fixed_bytes(groups, device), grads, opt_state)
+
+
+def _graph(
+    model: nn.Module,
+    device: torch.device,
+    rec: _Recorder,
+    step_ms: float,
+    fixed_sizes: dict[Category, int],
+    grads: list[_Block],
+    opt_state: list[_Block],
+) -> ProfiledGraph:
+    """Freezes what the recorder saw; optimizer state first allocated in this step counts as fixed."""
+    phases = {phase: (ticks[0], ticks[1]) for phase, ticks in rec.phase_ticks.items()}
+    fwd_end = phases[Phase.FORWARD][1]
+    grad_ids = {id(b) for b in grads}
+    new_state_ids = {id(b) for b in opt_state}
+    blocks = []
+    for b in rec.blocks:
+        if id(b) in new_state_ids:
+            continue
+        if id(b) in grad_ids:
+            category = Category.GRADIENTS
+        elif b.phase is Phase.FORWARD and (b.free is None or b.free > fwd_end):
+            category = Category.ACTIVATIONS
+        else:
+            category = Category.TRANSIENTS
+        blocks.append(Block(b.bytes, category, b.phase, b.alloc, b.free, b.owner, frozenset(b.savers), b.last_use))
+    first_step_bytes = sum(b.bytes for b in opt_state)
+    fixed = FixedMemory(
+        parameters=fixed_sizes[Category.PARAMETERS],
+        buffers=fixed_sizes[Category.BUFFERS],
+        inputs=fixed_sizes[Category.INPUTS],
+        optimizer=fixed_sizes[Category.OPTIMIZER] + first_step_bytes,
+    )
+    return ProfiledGraph(
+        model=type(model).__name__,
+        fingerprint=fingerprint(model),
+        device=str(device),
+        units=tuple(_freeze_unit(i, u, rec.blocks) for i, u in enumerate(rec.units)),
+        edges=tuple(sorted((p, v) for v, u in enumerate(rec.units) for p in u.preds if p < v)),
+        fixed=fixed,
+        blocks=tuple(blocks),
+        phases=phases,
+        step_ms=step_ms if device.type != "meta" else rec.other_ms + sum(u.fwd_ms + u.bwd_ms for u in rec.units),
+        measured_times=device.type != "meta",
+        first_step_extra_bytes=first_step_bytes,
+        meta={"other_ms": rec.other_ms},
+    )
+
+
+def _freeze_unit(index: int, u: _Unit, blocks: list[_Block]) -> Unit:
+    saved = sum(b.bytes for b in blocks if b.owner == index and b.phase is Phase.FORWARD and b.savers)
+    ops = tuple(
+        Op(o.name, o.flops, o.ms, sum(b.bytes for b in o.blocks), sum(b.bytes for b in o.blocks if b.savers))
+        for o in u.ops
+    )
+    return Unit(
+        index, u.name, u.call, u.kind, u.fwd_ms, u.bwd_ms, u.fwd_flops, u.bwd_flops, saved,
+        u.input_bytes, u.output_bytes, u.fwd_start, u.fwd_end, u.bwd_start, ops,
+    )
+
+
+def fixed_groups(model: nn.Module, batch: Batch, optimizer) -> dict[Category, list[torch.Tensor]]:
+    """The tensors alive before the step, by category."""
+    return {
+        Category.PARAMETERS: list(model.parameters()),
+        Category.BUFFERS: list(model.buffers()),
+        Category.INPUTS: list(tensors_in((batch.args, batch.kwargs))),
+        Category.OPTIMIZER: _optimizer_tensors(optimizer),
+    }
+
+
+def fixed_bytes(groups: dict[Category, list[torch.Tensor]], device: torch.device) -> dict[Category, int]:
+    """Bytes per category, each storage counted once (in the first category that holds it)."""
+    seen: set[int] = set()
+    sizes = {}
+    for category, tensors in groups.items():
+        sizes[category] = 0
+        for t in tensors:
+            key = storage_key(t)
+            if key not in seen:
+                seen.add(key)
+                sizes[category] += allocated_bytes(t.untyped_storage().nbytes(), device)
+    return sizes
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    if optimizer is None:
+        return []
+    return [t for state in optimizer.state.values() for t in tensors_in(state)]

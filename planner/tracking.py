@@ -1,0 +1,127 @@
+"""Live tensor storages during a step, seen through a dispatch mode.
+
+Every operator output whose storage is new is counted once, at its size in
+bytes, and released when its storage dies (a weak reference tells). Views,
+aliases and in-place results share a storage and are never counted twice.
+Storages that existed before the mode started (parameters, optimizer state,
+the batch) are not counted; callers account for them separately.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to this
+
+
+def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested tuples, lists, dicts, dataclasses and output objects."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for item in obj:
+            yield from tensors_in(item)
+    elif isinstance(obj, Mapping):
+        for item in obj.values():
+            yield from tensors_in(item)
+    elif is_dataclass(obj) and not isinstance(obj, type):
+        for f in fields(obj):
+            yield from tensors_in(getattr(obj, f.name))
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """Identity of the storage behind a tensor (shared by its views)."""
+    return id(t.untyped_storage())
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind some tensors."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[id(st)] = st.nbytes()
+    return sum(seen.values())
+
+
+def allocated_bytes(nbytes: int, device: torch.device) -> int:
+    """What the device's allocator really takes for a storage of `nbytes`."""
+    if device.type == "cuda":
+        return -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
+    return nbytes
+
+
+class StorageTracker(TorchDispatchMode):
+    """Counts the live bytes of storages allocated on `device` while active.
+
+    `live_bytes` is what is alive now, `peak_bytes` the most ever alive; `tick`
+    advances at every operator call, allocation and free.
+    """
+
+    def __init__(self, device: torch.device | str, existing: Iterable[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.device = torch.device(device)
+        # Storages alive before the step; holding them keeps their ids from being reused.
+        self._existing = {storage_key(t): t.untyped_storage() for t in existing}
+        self.ignored = self._existing.keys()
+        self.live: dict[int, int] = {}
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.tick = 0
+        self.op_ms = 0.0  # time of the last operator call
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        self.op_ms = (time.perf_counter() - start) * 1e3
+        self.tick += 1
+        inputs = {storage_key(t) for t in tensors_in((args, kwargs))}
+        new = []
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == self.device.type:
+                key = storage_key(t)
+                if key not in self.live and key not in inputs and key not in self.ignored:
+                    self._alloc(t.untyped_storage())
+                    new.append(key)
+        self.on_op(func, args, kwargs, out, inputs, new)
+        return out
+
+    def _alloc(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        nbytes = allocated_bytes(storage.nbytes(), self.device)
+        self.live[key] = nbytes
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self.tick += 1
+        self.on_alloc(key, nbytes)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        nbytes = self.live.pop(key, None)
+        if nbytes is None:
+            return
+        self.live_bytes -= nbytes
+        self.tick += 1
+        self.on_free(key)
+
+    def stop_tracking(self) -> None:
+        """Forget every live storage, so frees after this point are not seen."""
+        self.live.clear()
+
+    # Subclasses record more.
+    def on_op(self, func, args, kwargs, out, inputs: set[int], new: list[int]) -> None:
+        pass
+
+    def on_alloc(self, key: int, nbytes: int) -> None:
+        pass
+
+    def on_free(self, key: int) -> None:
+        pass

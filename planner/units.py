@@ -1,0 +1,75 @@
+"""Which modules of a model are units, the parts a plan acts on."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from collections.abc import Sequence
+
+from torch import nn
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+UnitSpec = Sequence[str | type[nn.Module]] | None
+
+
+def default_units(model: nn.Module) -> list[str]:
+    """The model's top-level parts, with containers opened up.
+
+    The children of the root are units, except containers (Sequential,
+    ModuleList, ModuleDict), whose own children are taken instead, level by
+    level. A ResNet gives its stem layers and every residual block, a GPT
+    its embeddings, every transformer block and its head; a model with no
+    children is one unit.
+    """
+    names: list[str] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            qualified = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, CONTAINERS):
+                visit(qualified, child)
+            else:
+                names.append(qualified)
+
+    visit("", model)
+    return names or [""]
+
+
+def select_units(model: nn.Module, spec: UnitSpec = None) -> list[str]:
+    """Names of the modules that are units, outermost first in module order.
+
+    `spec` lists module classes, class names or glob patterns over qualified
+    names ("blocks.*", "*.attn"); a module matching any entry is a unit, and
+    a match inside another match is not. None gives `default_units`.
+    """
+    if spec is None:
+        return default_units(model)
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if any(name == c or name.startswith(c + ".") for c in chosen if c):
+            continue
+        if any(_matches(entry, name, module) for entry in spec):
+            chosen.append(name)
+    if not chosen:
+        raise ValueError(
+            f"no module of {type(model).__name__} matches units={list(spec)!r}; give module classes, "
+            "class names or name patterns such as 'layer*.*'"
+        )
+    return chosen
+
+
+def _matches(entry: str | type[nn.Module], name: str, module: nn.Module) -> bool:
+    if isinstance(entry, type):
+        return isinstance(module, entry)
+    return type(module).__name__ == entry or fnmatch.fnmatchcase(name, entry)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the module tree and parameter shapes and dtypes."""
+    h = hashlib.sha256()
+    for name, module in model.named_modules():
+        h.update(f"{name}:{type(module).__name__};".encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    return h.hexdigest()[:16]
