@@ -69,6 +69,7 @@ class Unit:
     fwd_end: int  # tick
     bwd_start: int | None  # tick at which backward first used a tensor it saved
     ops: tuple[Op, ...] = ()
+    direct_from: int | None = None  # the unit whose outputs are exactly this unit's tensor inputs
 
     @property
     def key(self) -> str:
@@ -93,6 +94,7 @@ class Block:
     owner: int | None = None
     savers: frozenset[int] = frozenset()
     last_use: int | None = None
+    op: str = ""  # the operator that allocated it
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class ProfiledGraph:
     fixed: FixedMemory
     blocks: tuple[Block, ...]
     phases: dict[Phase, tuple[int, int]]
-    step_ms: float
+    step_ms: float  # all operators of the step, measured or estimated
     measured_times: bool
     first_step_extra_bytes: int = 0  # optimizer state the first step allocates
     meta: dict = field(default_factory=dict)
@@ -153,6 +155,10 @@ class ProfiledGraph:
         """Edges u->v where u feeds only v and v reads only from u."""
         g = self.dag()
         return {(u, v) for u, v in g.edges if g.out_degree(u) == 1 and g.in_degree(v) == 1}
+
+    def segment_links(self) -> set[tuple[int, int]]:
+        """Chain links u->u+1 where u+1's inputs are u's outputs themselves: a recompute region may span them."""
+        return {(u, v) for u, v in self.chain_links() if v == u + 1 and self.units[v].direct_from == u}
 
     def is_chain(self) -> bool:
         """True when the units form one path with pure chain links."""

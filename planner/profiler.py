@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +41,7 @@ class _Block:
     savers: set[int] = field(default_factory=set)
     sources: frozenset[int] = frozenset()  # units whose outputs this storage was computed from
     last_use: int | None = None
+    op: str = ""
 
 
 @dataclass
@@ -68,6 +68,7 @@ class _Unit:
     bwd_flops: int = 0
     preds: set[int] = field(default_factory=set)
     ops: list[_Op] = field(default_factory=list)
+    direct_from: int | None = None
 
 
 class _Recorder(StorageTracker):
@@ -82,6 +83,8 @@ class _Recorder(StorageTracker):
         self.open: dict[int, _Block] = {}
         self.blocks: list[_Block] = []
         self.other_ms = 0.0
+        self.last_outputs: set[int] = set()  # ids of the tensors the last unit returned
+        self.op_name = ""
 
     def set_phase(self, phase: Phase) -> None:
         if self.phase_ticks:
@@ -108,6 +111,7 @@ class _Recorder(StorageTracker):
     # Operators.
     def on_op(self, func, args, kwargs, out, inputs: set[int], new: list[int]) -> None:
         flops = _flops(func, args, kwargs, out)
+        self.op_name = str(func.overloadpacket)
         ms = self.op_ms
         if self.device.type == "meta":
             ms = costmodel.REFERENCE.op_ms(flops, _bytes_moved(args, kwargs, out))
@@ -117,7 +121,7 @@ class _Recorder(StorageTracker):
             if unit is not None:
                 unit.fwd_ms += ms
                 unit.fwd_flops += flops
-                unit.ops.append(_Op(str(func.overloadpacket), flops, ms, [self.open[k] for k in new]))
+                unit.ops.append(_Op(self.op_name, flops, ms, [self.open[k] for k in new]))
                 return
         elif self.phase is Phase.BACKWARD and unit is not None:
             unit.bwd_ms += ms
@@ -138,6 +142,7 @@ class _Recorder(StorageTracker):
                     self.units[self.current].preds |= block.sources
         for key in new:
             self.open[key].sources = sources
+            self.open[key].op = self.op_name
         for block in read:  # in-place results carry what was written into them
             if block.owner != self.current and self.current is not None:
                 block.sources = block.sources | sources
@@ -159,13 +164,19 @@ class _Recorder(StorageTracker):
 
     # Units.
     def enter_unit(self, name: str, call: int, module: nn.Module, inputs: Any) -> None:
-        self.units.append(_Unit(name, call, type(module).__name__, self.tick, storage_bytes(tensors_in(inputs))))
+        tensors = list(tensors_in(inputs))
+        unit = _Unit(name, call, type(module).__name__, self.tick, storage_bytes(tensors))
+        if self.units and tensors and {id(t) for t in tensors} == self.last_outputs:
+            unit.direct_from = len(self.units) - 1
+        self.units.append(unit)
         self.current = len(self.units) - 1
 
     def exit_unit(self, output: Any) -> None:
         unit = self.units[self.current]
         unit.fwd_end = self.tick
-        unit.output_bytes = storage_bytes(tensors_in(output))
+        tensors = list(tensors_in(output))
+        unit.output_bytes = storage_bytes(tensors)
+        self.last_outputs = {id(t) for t in tensors}
         self.current = None
 
 
@@ -270,7 +281,6 @@ def profile(
                 grads.extend(rec.open[k] for k in keys if k in rec.open)
             rec.set_phase(phase)
 
-        start = time.perf_counter()
         try:
             with unit_hooks(model, names, rec.enter_unit, rec.exit_unit), torch.autograd.graph.saved_tensors_hooks(
                 rec.pack, rec.unpack
@@ -278,17 +288,15 @@ def profile(
                 train_step(model, batch, loss_fn, optimizer, autocast_dtype, on_phase)
         except Exception as err:
             raise type(err)(f"the training step failed on the example batch: {err}") from err
-        step_ms = (time.perf_counter() - start) * 1e3
         opt_state = [rec.open[k] for k in map(storage_key, _optimizer_tensors(optimizer)) if k in rec.open]
         rec.finish()
-    return _graph(model, device, rec, step_ms, fixed_bytes(groups, device), grads, opt_state)
+    return _graph(model, device, rec, fixed_bytes(groups, device), grads, opt_state)
 
 
 def _graph(
     model: nn.Module,
     device: torch.device,
     rec: _Recorder,
-    step_ms: float,
     fixed_sizes: dict[Category, int],
     grads: list[_Block],
     opt_state: list[_Block],
@@ -308,7 +316,7 @@ def _graph(
             category = Category.ACTIVATIONS
         else:
             category = Category.TRANSIENTS
-        blocks.append(Block(b.bytes, category, b.phase, b.alloc, b.free, b.owner, frozenset(b.savers), b.last_use))
+        blocks.append(Block(b.bytes, category, b.phase, b.alloc, b.free, b.owner, frozenset(b.savers), b.last_use, b.op))
     first_step_bytes = sum(b.bytes for b in opt_state)
     fixed = FixedMemory(
         parameters=fixed_sizes[Category.PARAMETERS],
@@ -325,7 +333,7 @@ def _graph(
         fixed=fixed,
         blocks=tuple(blocks),
         phases=phases,
-        step_ms=step_ms if device.type != "meta" else rec.other_ms + sum(u.fwd_ms + u.bwd_ms for u in rec.units),
+        step_ms=rec.other_ms + sum(u.fwd_ms + u.bwd_ms for u in rec.units),
         measured_times=device.type != "meta",
         first_step_extra_bytes=first_step_bytes,
         meta={"other_ms": rec.other_ms},
@@ -340,7 +348,7 @@ def _freeze_unit(index: int, u: _Unit, blocks: list[_Block]) -> Unit:
     )
     return Unit(
         index, u.name, u.call, u.kind, u.fwd_ms, u.bwd_ms, u.fwd_flops, u.bwd_flops, saved,
-        u.input_bytes, u.output_bytes, u.fwd_start, u.fwd_end, u.bwd_start, ops,
+        u.input_bytes, u.output_bytes, u.fwd_start, u.fwd_end, u.bwd_start, ops, u.direct_from,
     )
 
 

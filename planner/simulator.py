@@ -1,25 +1,31 @@
-"""The referee: replays a profiled step's allocations and reports its memory over time.
+"""The referee: replays a profiled step's allocations, under a plan or not.
 
-    sim = simulate(graph)
-    sim.peak_bytes, sim.breakdown()
+    sim = simulate(graph)                    # the unplanned step
+    sim = simulate(graph, plan.choices)      # the same step under a plan
 
-Memory at any tick is the fixed memory (parameters, buffers, inputs,
-optimizer state) plus every block allocated and not yet freed. The peak is
-the highest such value over the whole step.
+Memory at any moment is the fixed memory (parameters, buffers, inputs,
+optimizer state) plus every block allocated and not yet freed. Under a plan,
+released blocks leave at their death and come back in their replay (see
+`planner.actions`), and a recomputed region's whole forward is replayed at
+the moment backward first needs it. The peak is the highest value over the
+step; time is the profiled step plus each choice's extra time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from planner.graph import FIXED_CATEGORIES, Block, Category, ProfiledGraph
+from planner.actions import Choice, Semantics
+from planner.costmodel import REFERENCE, Roofline
+from planner.graph import FIXED_CATEGORIES, Category, ProfiledGraph
 
 
 @dataclass(frozen=True)
 class Timeline:
     """Bytes alive by category after each event; `ticks[i]` is when event i happened."""
 
-    ticks: tuple[int, ...]
+    ticks: tuple[float, ...]
     bytes_by_category: dict[Category, tuple[int, ...]]
 
     def total(self, i: int) -> int:
@@ -31,29 +37,25 @@ class Simulation:
     """Predicted memory of one steady-state step, in bytes, and its time in ms."""
 
     peak_bytes: int
-    peak_tick: int
+    peak_tick: float
     peak_breakdown: dict[Category, int]
     timeline: Timeline
     step_ms: float
+    extra_ms: float = 0.0
 
     def breakdown(self) -> dict[str, int]:
         return {c.value: b for c, b in self.peak_breakdown.items()}
 
 
-def simulate(graph: ProfiledGraph, blocks: tuple[Block, ...] | None = None, step_ms: float | None = None) -> Simulation:
-    """Replay `blocks` (default: the profiled ones) on top of the graph's fixed memory."""
-    blocks = graph.blocks if blocks is None else blocks
-    events = sorted(
-        [(b.alloc, b.bytes, b.category) for b in blocks]
-        + [(b.free, -b.bytes, b.category) for b in blocks if b.free is not None],
-        key=lambda e: (e[0], e[1] < 0),
-    )
+def simulate(graph: ProfiledGraph, choices: Iterable[Choice] = (), roofline: Roofline = REFERENCE) -> Simulation:
+    """Replay the step's blocks on top of its fixed memory, with `choices` applied."""
+    events, extra_ms = _events(graph, list(choices), roofline)
+    events.sort(key=lambda e: e[0])
     live = {c: 0 for c in Category} | graph.fixed.by_category()
-    fixed = sum(live[c] for c in FIXED_CATEGORIES)
-    ticks, series = [0], {c: [live[c]] for c in Category}
-    peak, peak_tick, peak_live = fixed, 0, dict(live)
-    total = fixed
-    for tick, delta, category in events:
+    total = sum(live[c] for c in FIXED_CATEGORIES)
+    ticks, series = [0.0], {c: [live[c]] for c in Category}
+    peak, peak_tick, peak_live = total, 0.0, dict(live)
+    for (tick, *_), delta, category in events:
         live[category] += delta
         total += delta
         ticks.append(tick)
@@ -66,5 +68,34 @@ def simulate(graph: ProfiledGraph, blocks: tuple[Block, ...] | None = None, step
         peak_tick=peak_tick,
         peak_breakdown=peak_live,
         timeline=Timeline(tuple(ticks), {c: tuple(v) for c, v in series.items()}),
-        step_ms=graph.step_ms if step_ms is None else step_ms,
+        step_ms=graph.step_ms + extra_ms,
+        extra_ms=extra_ms,
     )
+
+
+def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline) -> tuple[list, float]:
+    """(sort key, bytes delta, category) for every allocation and free under the choices.
+
+    Keys order the original event at a tick first, then deaths at that tick,
+    then any replay starting there.
+    """
+    semantics = Semantics(graph, roofline)
+    death: dict[int, int] = {}
+    replays = []
+    extra_ms = 0.0
+    for n, choice in enumerate(choices):
+        effect = semantics.effect(choice)
+        if effect is None:
+            continue
+        extra_ms += effect.extra_ms
+        death |= {r.block: r.death for r in effect.releases}
+        replays += [((effect.replay_tick, 2, n, k), delta, i) for k, (i, delta) in enumerate(effect.replay)]
+    events = []
+    for i, b in enumerate(graph.blocks):
+        events.append(((b.alloc, 0), b.bytes, b.category))
+        if i in death:
+            events.append(((death[i], 1), -b.bytes, b.category))
+        if b.free is not None:
+            events.append(((b.free, 0), -b.bytes, b.category))
+    events += [(key, delta, graph.blocks[i].category) for key, delta, i in replays]
+    return events, extra_ms

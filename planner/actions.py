@@ -1,0 +1,177 @@
+"""What recomputing or offloading units does to a profiled step.
+
+A `Choice` recomputes a run of consecutive units as one checkpointed region
+(optionally keeping the outputs of some expensive operators saved), or
+offloads one unit's saved tensors to host memory. Its `Effect` says which
+blocks of the trace leave the device, from which tick until which tick, what
+is allocated again when they come back (the *replay*), and the extra time.
+
+A block leaves the device when every unit that saved it is inside the
+region (or is the offloaded unit) and the region allocated it; it goes at
+its *death*: the end of the last unit that saved or read it in forward. A
+recomputed region comes back when backward first needs a tensor saved in it
+(non-reentrant checkpoint replays its whole forward then); an offloaded
+unit comes back one unit ahead of its backward (prefetch).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from enum import Enum
+
+from planner.costmodel import Roofline
+from planner.graph import Block, Category, Phase, ProfiledGraph
+
+# Operators worth keeping saved inside a recomputed unit: much compute per byte.
+EXPENSIVE_OPS = frozenset(
+    {
+        "aten.mm",
+        "aten.addmm",
+        "aten.bmm",
+        "aten.baddbmm",
+        "aten.convolution",
+        "aten._scaled_dot_product_flash_attention",
+        "aten._scaled_dot_product_flash_attention_for_cpu",
+        "aten._scaled_dot_product_efficient_attention",
+        "aten._scaled_dot_product_cudnn_attention",
+    }
+)
+
+
+class Action(str, Enum):
+    KEEP = "keep"
+    RECOMPUTE = "recompute"
+    OFFLOAD = "offload"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Recompute `units` (consecutive indices) as one region, or offload one unit."""
+
+    action: Action
+    units: tuple[int, ...]
+    save_ops: frozenset[str] = frozenset()  # recompute only: operators whose outputs stay saved
+
+
+@dataclass(frozen=True)
+class Release:
+    """A block off the device for ticks in (death, back]: it is gone after `death` and back at `back`."""
+
+    block: int
+    death: int
+    back: int
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What a choice changes: released blocks, the replay at `replay_tick`, extra time in ms."""
+
+    releases: tuple[Release, ...]
+    replay_tick: int
+    replay: tuple[tuple[int, int], ...]  # (block index, +bytes allocated or -bytes freed), in order
+    extra_ms: float
+
+
+class Semantics:
+    """Computes effects of choices on one graph; shared by the simulator and the solvers."""
+
+    def __init__(self, graph: ProfiledGraph, roofline: Roofline) -> None:
+        self.graph = graph
+        self.roofline = roofline
+        self._fwd_ends = [u.fwd_end for u in graph.units]
+        self._fwd_starts = [u.fwd_start for u in graph.units]
+        self._bwd_starts = sorted(u.bwd_start for u in graph.units if u.bwd_start is not None)
+
+    def death(self, block: Block) -> int:
+        """The forward tick after which nothing in forward needs the block any more."""
+        last = max((block.owner, *block.savers))
+        death = self.graph.units[last].fwd_end
+        if block.last_use is not None:
+            death = max(death, self._unit_end_at(block.last_use))
+        return death
+
+    def _unit_end_at(self, tick: int) -> int:
+        i = bisect.bisect_right(self._fwd_starts, tick) - 1
+        if i >= 0 and tick <= self._fwd_ends[i]:
+            return self._fwd_ends[i]
+        return tick
+
+    def releasable(self, index: int, units: set[int], save_ops: frozenset[str] = frozenset()) -> bool:
+        """Whether block `index` can leave the device when `units` are recomputed or offloaded."""
+        b = self.graph.blocks[index]
+        return (
+            b.phase is Phase.FORWARD
+            and b.category is Category.ACTIVATIONS
+            and b.owner in units
+            and bool(b.savers)
+            and b.savers <= units
+            and b.free is not None
+            and b.op not in save_ops
+        )
+
+    def effect(self, choice: Choice) -> Effect | None:
+        """The choice's effect, or None when it frees nothing."""
+        units = set(choice.units)
+        starts = [self.graph.units[u].bwd_start for u in units if self.graph.units[u].bwd_start is not None]
+        if not starts:
+            return None
+        if choice.action is Action.RECOMPUTE:
+            back = min(starts)
+        else:
+            back = self._prefetch_tick(min(starts))
+        owned = [i for i, b in enumerate(self.graph.blocks) if b.owner in units and b.phase is Phase.FORWARD]
+        releases = tuple(
+            Release(i, self.death(self.graph.blocks[i]), back)
+            for i in owned
+            if self.releasable(i, units, choice.save_ops) and self.death(self.graph.blocks[i]) < back < self.graph.blocks[i].free
+        )
+        if not releases:
+            return None
+        if choice.action is Action.RECOMPUTE:
+            replay = self._replay(owned, {r.block for r in releases}, choice.save_ops)
+            extra_ms = sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
+        else:
+            replay = tuple((r.block, self.graph.blocks[r.block].bytes) for r in releases)
+            extra_ms = self._offload_ms(choice.units[0], sum(self.graph.blocks[r.block].bytes for r in releases))
+        return Effect(releases, back, replay, extra_ms)
+
+    def _prefetch_tick(self, bwd_start: int) -> int:
+        """One unit ahead: when the backward of the unit before it in backward order began."""
+        i = bisect.bisect_left(self._bwd_starts, bwd_start)
+        return self._bwd_starts[i - 1] if i > 0 else self.graph.phases[Phase.FORWARD][1]
+
+    def _replay(self, owned: list[int], released: set[int], save_ops: frozenset[str]) -> tuple[tuple[int, int], ...]:
+        """The region's forward run again: its blocks allocated in order, all but the released ones freed."""
+        events: list[tuple[int, int, int]] = []  # (order tick, block, delta)
+        end = max(self.graph.blocks[i].alloc for i in owned)
+        for i in owned:
+            b = self.graph.blocks[i]
+            if b.category is Category.ACTIVATIONS and b.op in save_ops and i not in released:
+                continue  # kept saved from the first forward, not recomputed
+            events.append((b.alloc, i, b.bytes))
+            if i not in released:
+                free = b.free if b.category is Category.TRANSIENTS and b.free is not None else end + 1
+                events.append((min(free, end + 1), i, -b.bytes))
+        events.sort(key=lambda e: (e[0], e[2] < 0))
+        return tuple((i, delta) for _, i, delta in events)
+
+    def _recompute_ms(self, unit: int, save_ops: frozenset[str]) -> float:
+        u = self.graph.units[unit]
+        return u.fwd_ms - sum(op.ms for op in u.ops if op.name in save_ops)
+
+    def _offload_ms(self, unit: int, nbytes: int) -> float:
+        """Copy time not hidden by the next unit's compute, each way."""
+        copy = self.roofline.copy_ms(nbytes)
+        nxt = self.graph.units[unit + 1] if unit + 1 < len(self.graph.units) else None
+        hide_fwd, hide_bwd = (nxt.fwd_ms, nxt.bwd_ms) if nxt else (0.0, 0.0)
+        return max(0.0, copy - hide_fwd) + max(0.0, copy - hide_bwd)
+
+
+def replay_peak(effect: Effect) -> int:
+    """The most bytes a replay adds on top of what was alive when it began."""
+    live = peak = 0
+    for _, delta in effect.replay:
+        live += delta
+        peak = max(peak, live)
+    return peak

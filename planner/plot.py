@@ -1,0 +1,124 @@
+"""Memory over one training step, as a PNG.
+
+    plot_timeline("step.png", [("no plan", simulate(graph)), ("plan", simulate(graph, blocks))], graph,
+                  budget_bytes=parse_bytes("6GiB"))
+
+The first simulation is drawn as areas stacked by category (fixed memory at the bottom), every
+further one as a line of its total, each against its own ticks. Dashed lines mark where the
+forward, backward and optimizer phases begin.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+from planner.export import atomic_open, check_suffix
+from planner.graph import FIXED_CATEGORIES, Category, Phase, ProfiledGraph
+from planner.report import format_bytes
+from planner.simulator import Simulation
+
+MIB, GIB = 1024**2, 1024**3
+STACK_ORDER = (*FIXED_CATEGORIES, Category.GRADIENTS, Category.ACTIVATIONS, Category.TRANSIENTS)
+COLORS = {
+    Category.PARAMETERS: "#4c72b0",
+    Category.BUFFERS: "#64b5cd",
+    Category.INPUTS: "#8172b3",
+    Category.OPTIMIZER: "#937860",
+    Category.GRADIENTS: "#55a868",
+    Category.ACTIVATIONS: "#dd8452",
+    Category.TRANSIENTS: "#ccb974",
+}
+LINE_COLORS = ("black", "#c44e52", "#1f77b4", "#2ca02c", "#9467bd")
+
+
+def plot_timeline(
+    path: str | Path,
+    series: list[tuple[str, Simulation]],
+    graph: ProfiledGraph,
+    budget_bytes: int | None = None,
+) -> Path:
+    """Write a PNG of memory (MiB or GiB) over the step's ticks to `path` and return the path.
+
+    `series` holds (label, simulation) pairs, at least one; `budget_bytes` draws a red
+    horizontal line. ValueError for an empty series or a name not ending in .png.
+    """
+    path = Path(path)
+    check_suffix(path, (".png",))
+    if not series:
+        raise ValueError("plot_timeline needs at least one (label, simulation) pair")
+    plt = _pyplot()
+    peak = max([sim.peak_bytes for _, sim in series] + [budget_bytes or 0])
+    scale, unit = (GIB, "GiB") if peak >= GIB else (MIB, "MiB")
+    fig, ax = plt.subplots(figsize=(11, 5.5), layout="constrained")
+    try:
+        label, first = series[0]
+        _stack(ax, first, scale)
+        _mark_peak(ax, first, scale)
+        for (name, sim), color in zip(series[1:], itertools.cycle(LINE_COLORS)):
+            ticks, totals = _totals(sim)
+            ax.step(ticks, [t / scale for t in totals], where="post", color=color, lw=1.6,
+                    label=f"{name} (peak {format_bytes(sim.peak_bytes)})")  # fmt: skip
+        if budget_bytes is not None:
+            ax.axhline(budget_bytes / scale, color="red", lw=1.8, label=f"budget {format_bytes(budget_bytes)}")
+        ax.set_ylim(0, peak / scale * 1.12)
+        _phases(ax, graph)
+        ax.set_xlim(0, max([graph.end_tick] + [sim.timeline.ticks[-1] for _, sim in series]))
+        ax.set_xlabel("tick (allocations, frees and operator calls, in order)")
+        ax.set_ylabel(f"memory ({unit})")
+        ax.set_title(f"{graph.model}: memory over one training step ({label}, {graph.device})")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+        with atomic_open(path) as f:
+            fig.savefig(f, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from err
+    matplotlib.use("Agg")  # files only; never opens a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _stack(ax: Any, sim: Simulation, scale: float) -> None:
+    """Areas stacked in STACK_ORDER, skipping categories that stay empty."""
+    ticks = sim.timeline.ticks
+    base = [0.0] * len(ticks)
+    for category in STACK_ORDER:
+        values = sim.timeline.bytes_by_category.get(category)
+        if values is None or not any(values):
+            continue
+        top = [b + v / scale for b, v in zip(base, values)]
+        ax.fill_between(ticks, base, top, step="post", color=COLORS[category], lw=0, label=category.value)
+        base = top
+
+
+def _totals(sim: Simulation) -> tuple[tuple[int, ...], list[int]]:
+    timeline = sim.timeline
+    return timeline.ticks, [timeline.total(i) for i in range(len(timeline.ticks))]
+
+
+def _mark_peak(ax: Any, sim: Simulation, scale: float) -> None:
+    y = sim.peak_bytes / scale
+    ax.plot([sim.peak_tick], [y], marker="v", color="black", ms=6, zorder=5)
+    ax.annotate(f"peak {format_bytes(sim.peak_bytes)}", (sim.peak_tick, y), xytext=(0, 8),
+                textcoords="offset points", ha="center", fontsize=9)  # fmt: skip
+
+
+def _phases(ax: Any, graph: ProfiledGraph) -> None:
+    """A dashed vertical line and a label at the start of each phase."""
+    top = ax.get_ylim()[1]
+    for phase in Phase:
+        if phase not in graph.phases:
+            continue
+        start = graph.phases[phase][0]
+        ax.axvline(start, color="grey", ls="--", lw=1)
+        ax.text(start, top * 0.985, f" {phase.value}", va="top", ha="left", fontsize=9, color="dimgrey")

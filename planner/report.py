@@ -1,0 +1,179 @@
+"""Terminal reports of a profiled step, readable at a glance, and byte sizes for people.
+
+    console.print(units_table(graph))
+    console.print(peak_panel(simulate(graph), measure(...)))
+    format_bytes(12_900_000)   # "12.3 MiB"
+    parse_bytes("1.5 GB")      # 1500000000
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from rich import box
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from planner.graph import Category, ProfiledGraph
+from planner.simulator import Simulation
+
+if TYPE_CHECKING:  # measurement imports torch; a report needs only its fields
+    from planner.measurement import Measurement
+
+_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+_FACTORS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*(?P<number>[-+]?\d+(?:\.\d*)?|[-+]?\.\d+)\s*(?P<unit>[a-z]*)\s*$", re.IGNORECASE)
+_ACCEPTED = (
+    "a positive number of bytes (\"123456\") or a number with a unit: B, KB, MB, GB, TB (powers of 1000) "
+    "or KiB, MiB, GiB, TiB (powers of 1024), such as \"6GiB\", \"6000MB\" or \"1.5 GB\""
+)
+# Relative errors of a prediction up to these shares read as good, then as fair; beyond, as poor.
+_GOOD_ERROR, _FAIR_ERROR = 0.05, 0.15
+
+
+def format_bytes(n: int) -> str:
+    """`n` bytes in binary units with three significant digits: "512 B", "12.3 MiB", "1.50 GiB"."""
+    sign, size = ("-" if n < 0 else ""), float(abs(n))
+    unit = 0
+    while round(size) >= 1024 and unit < len(_BINARY_UNITS) - 1:
+        size /= 1024
+        unit += 1
+    if unit == 0:
+        return f"{sign}{int(size)} B"
+    if round(size, 1) >= 100:  # three digits already: no decimals
+        return f"{sign}{size:.0f} {_BINARY_UNITS[unit]}"
+    digits = 1 if round(size, 2) >= 10 else 2
+    return f"{sign}{size:.{digits}f} {_BINARY_UNITS[unit]}"
+
+
+def parse_bytes(text: str) -> int:
+    """A size in bytes from text such as "6GiB", "6000MB", "1.5 GB" or "123456" (case-insensitive).
+
+    KB, MB, GB and TB are powers of 1000, KiB, MiB, GiB and TiB powers of 1024, a bare number is
+    bytes. Fractions are rounded to the nearest byte. ValueError, saying which forms are accepted,
+    for anything else, and for sizes that are zero or negative.
+    """
+    match = _SIZE.match(text) if isinstance(text, str) else None
+    if match is None or match["unit"].lower() not in _FACTORS:
+        raise ValueError(f"cannot read {text!r} as a size; expected {_ACCEPTED}")
+    size = round(Decimal(match["number"]) * _FACTORS[match["unit"].lower()])
+    if size <= 0:
+        raise ValueError(f"a size must be positive (at least one byte), got {text!r}; expected {_ACCEPTED}")
+    return int(size)
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+
+def units_table(graph: ProfiledGraph) -> Table:
+    """One row per unit: key, kind, saved-for-backward, input and output bytes, times and GFLOPs; a total row.
+
+    Times are in ms; GFLOP counts forward and backward together. The caption says when
+    times were estimated from FLOPs rather than measured.
+    """
+    source = "measured" if graph.measured_times else "estimated from FLOPs"
+    table = Table(
+        title=f"{graph.model}: {len(graph.units)} units on {graph.device}",
+        caption=f"saved: bytes kept for backward; times {source}",
+        box=box.SIMPLE_HEAD,
+        show_footer=True,
+        header_style="bold",
+        footer_style="bold",
+    )
+    totals = _unit_totals(graph)
+    table.add_column("unit", footer="total", overflow="fold", min_width=8)
+    table.add_column("kind", style="dim", footer="", overflow="ellipsis", no_wrap=True, min_width=6)
+    numbers = {"justify": "right", "no_wrap": True}
+    for header, footer in zip(("saved", "input", "output"), totals[:3]):
+        table.add_column(header, footer=format_bytes(footer), **numbers)
+    table.add_column("fwd ms", footer=f"{totals[3]:.2f}", **numbers)
+    table.add_column("bwd ms", footer=f"{totals[4]:.2f}", **numbers)
+    table.add_column("GFLOP", footer=f"{totals[5]:.3g}", **numbers)
+    for u in graph.units:
+        table.add_row(
+            u.key,
+            u.kind,
+            format_bytes(u.saved_bytes),
+            format_bytes(u.input_bytes),
+            format_bytes(u.output_bytes),
+            f"{u.fwd_ms:.2f}",
+            f"{u.bwd_ms:.2f}",
+            f"{(u.fwd_flops + u.bwd_flops) / 1e9:.3g}",
+        )
+    return table
+
+
+def _unit_totals(graph: ProfiledGraph) -> tuple[int, int, int, float, float, float]:
+    """Sums over the units: saved, input, output bytes, forward and backward ms, GFLOP."""
+    us = graph.units
+    return (
+        sum(u.saved_bytes for u in us),
+        sum(u.input_bytes for u in us),
+        sum(u.output_bytes for u in us),
+        sum(u.fwd_ms for u in us),
+        sum(u.bwd_ms for u in us),
+        sum(u.fwd_flops + u.bwd_flops for u in us) / 1e9,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ peak
+
+
+def peak_panel(sim: Simulation, measurement: Measurement | None = None) -> Panel:
+    """The predicted peak and its breakdown by category; with a measurement, the measured peak and the error."""
+    parts: list = [_breakdown_table(sim)]
+    if measurement is not None:
+        parts.append(_measurement_table(sim, measurement))
+    return Panel(Group(*parts), title="peak memory of one training step", title_align="left", expand=False)
+
+
+def _breakdown_table(sim: Simulation) -> Table:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column(justify="right")
+    table.add_column()
+    table.add_row("predicted peak", Text(format_bytes(sim.peak_bytes), style="bold cyan"), "", "")
+    for category in Category:
+        size = sim.peak_breakdown.get(category, 0)
+        if size == 0:
+            continue
+        share = size / sim.peak_bytes
+        table.add_row(f"  {category.value}", format_bytes(size), f"{share:6.1%}", Text(_bar(share), style="cyan"))
+    return table
+
+
+def _measurement_table(sim: Simulation, m: Measurement) -> Table:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column()
+    error = (sim.peak_bytes - m.peak_bytes) / m.peak_bytes
+    error = 0.0 if round(error, 3) == 0 else error  # no "-0.0%"
+    table.add_row("measured peak", Text(format_bytes(m.peak_bytes), style="bold"), f"on {m.device}")
+    if m.reserved_bytes is not None:
+        table.add_row("reserved peak", format_bytes(m.reserved_bytes), "held by the caching allocator")
+    table.add_row("error", Text(f"{error:+.1%}", style=_error_style(error)), "predicted vs measured")
+    table.add_row("step time", f"{m.step_ms:.1f} ms", f"median of {m.steps} steps")
+    return table
+
+
+def _error_style(error: float) -> str:
+    if abs(error) <= _GOOD_ERROR:
+        return "bold green"
+    return "bold yellow" if abs(error) <= _FAIR_ERROR else "bold red"
+
+
+def _bar(share: float, width: int = 20) -> str:
+    """A horizontal bar of `share` (0..1) in eighths of a character."""
+    eighths = round(max(0.0, min(1.0, share)) * width * 8)
+    full, rest = divmod(eighths, 8)
+    return "█" * full + ("" if rest == 0 else " ▏▎▍▌▋▊▉"[rest])

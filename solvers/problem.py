@@ -1,0 +1,171 @@
+"""The planning problem: options, the memory they free and when, and a budget.
+
+Every option is a `Choice` (recompute a region, offload a unit) with what it
+frees: groups of bytes off the device for ticks in (death, back], a replay
+at tick `back` that allocates again on top of what is alive then, and its
+extra time. The step's ticks are cut into *rows*, stretches in which no
+option starts or stops freeing anything, so the memory of a plan in row k is
+the unplanned peak of that row minus what the chosen options free there:
+
+    peak(C) = max( max_k  row_peak[k] - sum_{o in C} freed[o, k],
+                   max_{o in C}  base[o] - sum_{o' in C} freed_at[o', back_o] + replay_peak[o] )
+
+Options that share a unit exclude each other. This is the same step the
+simulator replays, stated per row, so `peak_bytes` equals the simulator's
+peak for any set of options.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from planner.actions import EXPENSIVE_OPS, Action, Choice, Semantics, replay_peak
+from planner.costmodel import REFERENCE, Roofline
+from planner.graph import ProfiledGraph
+from planner.simulator import simulate
+
+MAX_SEGMENT_UNITS = 16
+
+
+@dataclass(frozen=True)
+class Freed:
+    """`bytes` off the device for ticks in (death, back]."""
+
+    bytes: int
+    death: int
+    back: int
+
+
+@dataclass(frozen=True)
+class Option:
+    choice: Choice
+    freed: tuple[Freed, ...]
+    back: int  # tick of the replay
+    base_bytes: int  # unplanned memory at tick `back`
+    replay_peak_bytes: int
+    cost_ms: float
+
+    @property
+    def units(self) -> tuple[int, ...]:
+        return self.choice.units
+
+
+@dataclass(frozen=True)
+class Row:
+    """Ticks first..last, with the unplanned peak among them."""
+
+    first: int
+    last: int
+    peak_bytes: int
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Options, rows and a budget in bytes, for a graph of `n_units` units; times in ms."""
+
+    n_units: int
+    options: tuple[Option, ...]
+    rows: tuple[Row, ...]
+    budget_bytes: int
+    unplanned_peak_bytes: int
+    step_ms: float
+    chain: bool  # the units form one chain along which regions may span
+
+    def freed_at(self, chosen: Iterable[int], first: int, last: int) -> int:
+        """Bytes the chosen options free through all of ticks first..last."""
+        return sum(
+            f.bytes for o in chosen for f in self.options[o].freed if f.death < first and last <= f.back
+        )
+
+    def peak_bytes(self, chosen: Sequence[int]) -> int:
+        """Peak of the step with the chosen options (indices into `options`)."""
+        peak = max(r.peak_bytes - self.freed_at(chosen, r.first, r.last) for r in self.rows)
+        for o in chosen:
+            opt = self.options[o]
+            peak = max(peak, opt.base_bytes - self.freed_at(chosen, opt.back, opt.back) + opt.replay_peak_bytes)
+        return peak
+
+    def overhead_ms(self, chosen: Sequence[int]) -> float:
+        return sum(self.options[o].cost_ms for o in chosen)
+
+    def compatible(self, chosen: Sequence[int]) -> bool:
+        """No unit is in two chosen options."""
+        units = [u for o in chosen for u in self.options[o].units]
+        return len(units) == len(set(units))
+
+    def with_budget(self, budget_bytes: int) -> Problem:
+        return Problem(
+            self.n_units, self.options, self.rows, budget_bytes, self.unplanned_peak_bytes, self.step_ms, self.chain
+        )
+
+
+def build_problem(
+    graph: ProfiledGraph,
+    budget_bytes: int,
+    roofline: Roofline = REFERENCE,
+    max_segment_units: int = MAX_SEGMENT_UNITS,
+) -> Problem:
+    """Every useful option on the graph, and the rows of its step."""
+    semantics = Semantics(graph, roofline)
+    sim = simulate(graph)
+    ticks = [int(t) for t in sim.timeline.ticks]
+    totals = [sim.timeline.total(i) for i in range(len(ticks))]
+    options = []
+    for choice in candidate_choices(graph, max_segment_units):
+        effect = semantics.effect(choice)
+        if effect is None:
+            continue
+        freed: dict[int, int] = defaultdict(int)
+        for r in effect.releases:
+            freed[r.death] += graph.blocks[r.block].bytes
+        options.append(
+            Option(
+                choice=choice,
+                freed=tuple(Freed(b, d, effect.replay_tick) for d, b in sorted(freed.items())),
+                back=effect.replay_tick,
+                base_bytes=totals[bisect.bisect_right(ticks, effect.replay_tick) - 1],
+                replay_peak_bytes=replay_peak(effect),
+                cost_ms=effect.extra_ms,
+            )
+        )
+    rows = _rows(ticks, totals, options)
+    chain = len(graph.segment_links()) == len(graph.units) - 1
+    return Problem(len(graph.units), tuple(options), rows, budget_bytes, sim.peak_bytes, graph.step_ms, chain)
+
+
+def candidate_choices(graph: ProfiledGraph, max_segment_units: int) -> list[Choice]:
+    """Offload each unit; recompute each run of up to `max_segment_units` units along segment links,
+    in full and keeping its expensive operators' outputs saved."""
+    links = graph.segment_links()
+    choices = []
+    for u in range(len(graph.units)):
+        choices.append(Choice(Action.OFFLOAD, (u,)))
+        end = u
+        while True:
+            units = tuple(range(u, end + 1))
+            choices.append(Choice(Action.RECOMPUTE, units))
+            expensive = {op.name for i in units for op in graph.units[i].ops if op.name in EXPENSIVE_OPS}
+            if expensive:
+                choices.append(Choice(Action.RECOMPUTE, units, frozenset(expensive)))
+            if end + 1 - u >= max_segment_units or (end, end + 1) not in links:
+                break
+            end += 1
+    return choices
+
+
+def _rows(ticks: list[int], totals: list[int], options: list[Option]) -> tuple[Row, ...]:
+    """Cut the step where any option starts or stops freeing; each row keeps its unplanned peak."""
+    cuts = {0, ticks[-1] + 1}
+    for o in options:
+        for f in o.freed:
+            cuts |= {f.death + 1, f.back + 1}
+    cuts = sorted(c for c in cuts if c <= ticks[-1] + 1)
+    rows = []
+    for first, nxt in zip(cuts, cuts[1:]):
+        lo = bisect.bisect_right(ticks, first) - 1  # the state at `first`
+        hi = bisect.bisect_right(ticks, nxt - 1)
+        rows.append(Row(first, nxt - 1, max(totals[max(lo, 0) : max(hi, lo + 1)])))
+    return tuple(rows)
