@@ -15,12 +15,18 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from planner.export import SUFFIXES, check_suffix
+from planner.graph import ProfiledGraph
+from planner.simulator import Simulation
+
+if TYPE_CHECKING:
+    from planner.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +98,6 @@ def _positive_int(text: str) -> int:
 def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     """Profile the scenario's step, print its units and predicted peak, then measure, export and plot."""
     import planner
-
     from planner.report import peak_panel, units_table
 
     if args.measure and args.device == "meta":
@@ -105,9 +110,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     batch = planner.Batch(workload.inputs, workload.kwargs)
     step = {"loss_fn": workload.loss_closure(), "optimizer": workload.optimizer}
     log.info("profiling %s (%s) on %s", args.scenario, args.variant, args.device)
-    graph = planner.profile(
-        workload.model, batch, units=args.units, autocast_dtype=workload.autocast_dtype, **step
-    )
+    graph = planner.profile(workload.model, batch, units=args.units, autocast_dtype=workload.autocast_dtype, **step)
     sim = planner.simulate(graph)
     measurement = None
     if args.measure:
@@ -120,7 +123,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _build_workload(args: argparse.Namespace):
+def _build_workload(args: argparse.Namespace) -> Workload:
     import torch
 
     from planner.scenario import load_scenario
@@ -132,7 +135,7 @@ def _build_workload(args: argparse.Namespace):
     return scenario.build(args.variant, device=args.device, batch_size=args.batch_size)
 
 
-def _print_notes(console: Console, graph) -> None:
+def _print_notes(console: Console, graph: ProfiledGraph) -> None:
     from planner.report import format_bytes
 
     if not graph.measured_times:
@@ -149,7 +152,7 @@ def _print_notes(console: Console, graph) -> None:
         )
 
 
-def _write_outputs(args: argparse.Namespace, console: Console, graph, sim) -> None:
+def _write_outputs(args: argparse.Namespace, console: Console, graph: ProfiledGraph, sim: Simulation) -> None:
     if args.export is not None:
         from planner.export import graph_to_dict, write
 
@@ -165,14 +168,17 @@ def cmd_scenarios(args: argparse.Namespace, console: Console) -> int:
     """List the built-in scenarios: model, batch size, precision and optimizer, and what each shows."""
     from planner.scenario import list_scenarios, load_scenario
 
-    table = Table(title="built-in scenarios", header_style="bold", box=None, pad_edge=False)
-    for column in ("name", "model", "batch", "precision", "optimizer"):
-        table.add_column(column, style="bold" if column == "name" else None, no_wrap=True)
-    table.add_column("about", style="dim", no_wrap=True, overflow="ellipsis")
+    table = Table(title="built-in scenarios", box=None, show_header=False, pad_edge=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
     for name in list_scenarios():
         s = load_scenario(name)
-        batch = str(s.small.batch_size) + ("" if s.full is None else f" (full: {s.full.batch_size})")
-        table.add_row(name, s.model, batch, s.precision, s.optimizer.name, _first_comment(s.path.read_text()))
+        batch = f"batch {s.small.batch_size}" + ("" if s.full is None else f" (full: {s.full.batch_size})")
+        about = Text(f"{s.model}, {batch}, {s.precision}, {s.optimizer.name}")
+        comment = _first_comment(s.path.read_text())
+        if comment:
+            about.append(f"\n{comment}", style="dim")
+        table.add_row(name, about)
     console.print(table)
     return 0
 

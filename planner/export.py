@@ -14,7 +14,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from enum import Enum
 from pathlib import Path
 from typing import IO, Any
@@ -25,14 +25,14 @@ from planner.graph import Block, ProfiledGraph
 from planner.simulator import Simulation
 
 SUFFIXES = (".json", ".yaml", ".yml")
-BLOCK_COLUMNS = ("bytes", "category", "phase", "alloc", "free", "owner", "savers", "last_use")
+BLOCK_COLUMNS = tuple(f.name for f in fields(Block))
 
 
 def graph_to_dict(graph: ProfiledGraph, sim: Simulation | None = None) -> dict[str, Any]:
     """Everything in `graph` as dicts, lists, strings, numbers, booleans and None.
 
     With `sim`, a "simulation" entry holds the predicted peak (bytes), the tick it happens
-    at, its breakdown by category and the step time in ms.
+    at, its breakdown by category, the step time and the extra time of a plan (ms).
     """
     data: dict[str, Any] = {
         "model": graph.model,
@@ -54,12 +54,13 @@ def graph_to_dict(graph: ProfiledGraph, sim: Simulation | None = None) -> dict[s
             "peak_tick": sim.peak_tick,
             "peak_breakdown": sim.breakdown(),
             "step_ms": sim.step_ms,
+            "extra_ms": sim.extra_ms,
         }
     return data
 
 
 def _block_row(b: Block) -> list[Any]:
-    return [b.bytes, b.category.value, b.phase.value, b.alloc, b.free, b.owner, sorted(b.savers), b.last_use]
+    return [_plain(getattr(b, name)) for name in BLOCK_COLUMNS]
 
 
 def _plain(obj: Any) -> Any:

@@ -1,6 +1,6 @@
 """Memory over one training step, as a PNG.
 
-    plot_timeline("step.png", [("no plan", simulate(graph)), ("plan", simulate(graph, blocks))], graph,
+    plot_timeline("step.png", [("no plan", simulate(graph)), ("plan", simulate(graph, plan.choices))], graph,
                   budget_bytes=parse_bytes("6GiB"))
 
 The first simulation is drawn as areas stacked by category (fixed memory at the bottom), every
@@ -49,32 +49,44 @@ def plot_timeline(
     if not series:
         raise ValueError("plot_timeline needs at least one (label, simulation) pair")
     plt = _pyplot()
-    peak = max([sim.peak_bytes for _, sim in series] + [budget_bytes or 0])
-    scale, unit = (GIB, "GiB") if peak >= GIB else (MIB, "MiB")
     fig, ax = plt.subplots(figsize=(11, 5.5), layout="constrained")
     try:
-        label, first = series[0]
-        _stack(ax, first, scale)
-        _mark_peak(ax, first, scale)
-        for (name, sim), color in zip(series[1:], itertools.cycle(LINE_COLORS)):
-            ticks, totals = _totals(sim)
-            ax.step(ticks, [t / scale for t in totals], where="post", color=color, lw=1.6,
-                    label=f"{name} (peak {format_bytes(sim.peak_bytes)})")  # fmt: skip
-        if budget_bytes is not None:
-            ax.axhline(budget_bytes / scale, color="red", lw=1.8, label=f"budget {format_bytes(budget_bytes)}")
-        ax.set_ylim(0, peak / scale * 1.12)
-        _phases(ax, graph)
-        ax.set_xlim(0, max([graph.end_tick] + [sim.timeline.ticks[-1] for _, sim in series]))
-        ax.set_xlabel("tick (allocations, frees and operator calls, in order)")
-        ax.set_ylabel(f"memory ({unit})")
-        ax.set_title(f"{graph.model}: memory over one training step ({label}, {graph.device})")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+        _draw(ax, series, graph, budget_bytes)
         with atomic_open(path) as f:
             fig.savefig(f, format="png", dpi=120)
     finally:
         plt.close(fig)
     return path
+
+
+def _draw(ax: Any, series: list[tuple[str, Simulation]], graph: ProfiledGraph, budget_bytes: int | None) -> None:
+    peak = max([sim.peak_bytes for _, sim in series] + [budget_bytes or 0])
+    scale, unit = (GIB, "GiB") if peak >= GIB else (MIB, "MiB")
+    label, first = series[0]
+    stacked = _stack(ax, first, scale)
+    _mark_peak(ax, first, scale)
+    for (name, sim), color in zip(series[1:], itertools.cycle(LINE_COLORS)):
+        totals = [sim.timeline.total(i) / scale for i in range(len(sim.timeline.ticks))]
+        ax.step(sim.timeline.ticks, totals, where="post", color=color, lw=1.6,
+                label=f"{name} (peak {format_bytes(sim.peak_bytes)})")  # fmt: skip
+    if budget_bytes is not None:
+        ax.axhline(budget_bytes / scale, color="red", lw=1.8, label=f"budget {format_bytes(budget_bytes)}")
+    ax.set_ylim(0, peak / scale * 1.12)
+    ax.set_xlim(0, max([graph.end_tick] + [sim.timeline.ticks[-1] for _, sim in series]))
+    _phases(ax, graph)
+    ax.set_xlabel("tick (allocations, frees and operator calls, in order)")
+    ax.set_ylabel(f"memory ({unit})")
+    ax.set_title(f"{graph.model}: memory over one training step on {graph.device}")
+    ax.grid(axis="y", alpha=0.3)
+    _legend(ax, stacked, title=f"{label}, by category")
+
+
+def _legend(ax: Any, stacked: int, title: str) -> None:
+    """Outside the axes on the right: the stacked areas top first, as they are stacked, then the lines."""
+    handles, labels = ax.get_legend_handles_labels()  # in drawing order: areas first
+    order = list(range(stacked))[::-1] + list(range(stacked, len(handles)))
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], title=title, title_fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False, alignment="left")  # fmt: skip
 
 
 def _pyplot() -> Any:
@@ -88,29 +100,26 @@ def _pyplot() -> Any:
     return plt
 
 
-def _stack(ax: Any, sim: Simulation, scale: float) -> None:
-    """Areas stacked in STACK_ORDER, skipping categories that stay empty."""
+def _stack(ax: Any, sim: Simulation, scale: float) -> int:
+    """Areas stacked in STACK_ORDER, skipping categories that stay empty; returns how many were drawn."""
     ticks = sim.timeline.ticks
-    base = [0.0] * len(ticks)
+    base, drawn = [0.0] * len(ticks), 0
     for category in STACK_ORDER:
         values = sim.timeline.bytes_by_category.get(category)
         if values is None or not any(values):
             continue
         top = [b + v / scale for b, v in zip(base, values)]
         ax.fill_between(ticks, base, top, step="post", color=COLORS[category], lw=0, label=category.value)
-        base = top
-
-
-def _totals(sim: Simulation) -> tuple[tuple[int, ...], list[int]]:
-    timeline = sim.timeline
-    return timeline.ticks, [timeline.total(i) for i in range(len(timeline.ticks))]
+        base, drawn = top, drawn + 1
+    return drawn
 
 
 def _mark_peak(ax: Any, sim: Simulation, scale: float) -> None:
     y = sim.peak_bytes / scale
     ax.plot([sim.peak_tick], [y], marker="v", color="black", ms=6, zorder=5)
     ax.annotate(f"peak {format_bytes(sim.peak_bytes)}", (sim.peak_tick, y), xytext=(0, 8),
-                textcoords="offset points", ha="center", fontsize=9)  # fmt: skip
+                textcoords="offset points", ha="center", fontsize=9, zorder=6,
+                bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85})  # fmt: skip
 
 
 def _phases(ax: Any, graph: ProfiledGraph) -> None:

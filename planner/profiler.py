@@ -117,7 +117,8 @@ class _Recorder(StorageTracker):
             ms = costmodel.REFERENCE.op_ms(flops, _bytes_moved(args, kwargs, out))
         unit = self.units[self.current] if self.current is not None else None
         if self.phase is Phase.FORWARD:
-            self._trace_forward(inputs, new)
+            written = {storage_key(t) for t in tensors_in(out)} & inputs
+            self._trace_forward(inputs, new, written)
             if unit is not None:
                 unit.fwd_ms += ms
                 unit.fwd_flops += flops
@@ -129,7 +130,8 @@ class _Recorder(StorageTracker):
             return
         self.other_ms += ms
 
-    def _trace_forward(self, inputs: set[int], new: list[int]) -> None:
+    def _trace_forward(self, inputs: set[int], new: list[int], written: set[int]) -> None:
+        """Last uses, and which units each new or overwritten storage was computed from."""
         read = [self.open[k] for k in inputs if k in self.open]
         for block in read:
             block.last_use = self.tick
@@ -143,9 +145,8 @@ class _Recorder(StorageTracker):
         for key in new:
             self.open[key].sources = sources
             self.open[key].op = self.op_name
-        for block in read:  # in-place results carry what was written into them
-            if block.owner != self.current and self.current is not None:
-                block.sources = block.sources | sources
+        for key in written & self.open.keys():  # in-place results carry what was written into them
+            self.open[key].sources |= sources
 
     # Saved tensors.
     def pack(self, t: torch.Tensor) -> tuple[torch.Tensor, int | None]:
@@ -166,10 +167,19 @@ class _Recorder(StorageTracker):
     def enter_unit(self, name: str, call: int, module: nn.Module, inputs: Any) -> None:
         tensors = list(tensors_in(inputs))
         unit = _Unit(name, call, type(module).__name__, self.tick, storage_bytes(tensors))
-        if self.units and tensors and {id(t) for t in tensors} == self.last_outputs:
+        if self.units and self._fed_by_last_unit(tensors):
             unit.direct_from = len(self.units) - 1
         self.units.append(unit)
         self.current = len(self.units) - 1
+
+    def _fed_by_last_unit(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether the inputs are the last unit's outputs, apart from tensors no unit computed."""
+        from_units = [t for t in tensors if self._sources(t)]
+        return bool(from_units) and all(id(t) in self.last_outputs for t in from_units)
+
+    def _sources(self, t: torch.Tensor) -> frozenset[int]:
+        block = self.open.get(storage_key(t))
+        return block.sources if block is not None else frozenset()
 
     def exit_unit(self, output: Any) -> None:
         unit = self.units[self.current]

@@ -32,8 +32,8 @@ _FACTORS = {
 }  # fmt: skip
 _SIZE = re.compile(r"^\s*(?P<number>[-+]?\d+(?:\.\d*)?|[-+]?\.\d+)\s*(?P<unit>[a-z]*)\s*$", re.IGNORECASE)
 _ACCEPTED = (
-    "a positive number of bytes (\"123456\") or a number with a unit: B, KB, MB, GB, TB (powers of 1000) "
-    "or KiB, MiB, GiB, TiB (powers of 1024), such as \"6GiB\", \"6000MB\" or \"1.5 GB\""
+    'a positive number of bytes ("123456") or a number with a unit: B, KB, MB, GB, TB (powers of 1000) '
+    'or KiB, MiB, GiB, TiB (powers of 1024), such as "6GiB", "6000MB" or "1.5 GB"'
 )
 # Relative errors of a prediction up to these shares read as good, then as fair; beyond, as poor.
 _GOOD_ERROR, _FAIR_ERROR = 0.05, 0.15
@@ -84,19 +84,20 @@ def units_table(graph: ProfiledGraph) -> Table:
         title=f"{graph.model}: {len(graph.units)} units on {graph.device}",
         caption=f"saved: bytes kept for backward; times {source}",
         box=box.SIMPLE_HEAD,
+        collapse_padding=True,
         show_footer=True,
         header_style="bold",
         footer_style="bold",
     )
     totals = _unit_totals(graph)
     table.add_column("unit", footer="total", overflow="fold", min_width=8)
-    table.add_column("kind", style="dim", footer="", overflow="ellipsis", no_wrap=True, min_width=6)
+    table.add_column("kind", style="dim", footer="", overflow="ellipsis", no_wrap=True, max_width=12)
     numbers = {"justify": "right", "no_wrap": True}
     for header, footer in zip(("saved", "input", "output"), totals[:3]):
         table.add_column(header, footer=format_bytes(footer), **numbers)
     table.add_column("fwd ms", footer=f"{totals[3]:.2f}", **numbers)
     table.add_column("bwd ms", footer=f"{totals[4]:.2f}", **numbers)
-    table.add_column("GFLOP", footer=f"{totals[5]:.3g}", **numbers)
+    table.add_column("GFLOP", footer=_gflop(totals[5]), **numbers)
     for u in graph.units:
         table.add_row(
             u.key,
@@ -106,9 +107,13 @@ def units_table(graph: ProfiledGraph) -> Table:
             format_bytes(u.output_bytes),
             f"{u.fwd_ms:.2f}",
             f"{u.bwd_ms:.2f}",
-            f"{(u.fwd_flops + u.bwd_flops) / 1e9:.3g}",
+            _gflop((u.fwd_flops + u.bwd_flops) / 1e9),
         )
     return table
+
+
+def _gflop(gflop: float) -> str:
+    return f"{gflop:.0f}" if gflop >= 100 else f"{gflop:.3g}"
 
 
 def _unit_totals(graph: ProfiledGraph) -> tuple[int, int, int, float, float, float]:

@@ -54,6 +54,7 @@ import yaml
 from torch import Tensor, nn
 
 import scenarios
+from planner.workload import Workload
 from scenarios.zoo import ZOO
 
 _TOP_FIELDS = (
@@ -75,6 +76,12 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 _BUDGET = re.compile(r"^\d+(\.\d+)?\s*(%|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$")
 BATCH = "B"
+
+
+__all__ = [
+    "OptimizerSpec", "Scenario", "ScenarioError", "TensorSpec", "Variant", "Workload",
+    "list_scenarios", "load_scenario", "parse_scenario", "scenario_dir",
+]  # fmt: skip
 
 
 class ScenarioError(ValueError):
@@ -162,51 +169,6 @@ class OptimizerSpec:
 
 
 @dataclass(frozen=True)
-class Workload:
-    """A model with its example batch, loss and optimizer: everything one training step needs."""
-
-    model: nn.Module
-    inputs: tuple[Tensor, ...]
-    kwargs: dict[str, Tensor]
-    target: Tensor | None
-    loss_fn: Callable[[Any, Any], Tensor]
-    optimizer: torch.optim.Optimizer
-    autocast_dtype: torch.dtype | None
-    device: torch.device
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """The autocast context of the forward pass (a no-op at float32 precision).
-
-        PyTorch has no autocast for the meta device (and CPU or CUDA autocast leave meta tensors
-        alone), so on meta the step runs in float32 and ``autocast_dtype`` only informs. To see
-        mixed-precision tensors without allocating, build on "cpu" under
-        ``torch._subclasses.fake_tensor.FakeTensorMode`` and step under the same mode: CPU
-        autocast applies to fake tensors.
-        """
-        if self.autocast_dtype is None or self.device.type == "meta":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def loss_closure(self) -> Callable[[Any], Tensor]:
-        """``fn(output) -> loss`` with the target bound."""
-        loss_fn, target = self.loss_fn, self.target
-        return lambda output: loss_fn(output, target)
-
-    def step(self) -> Tensor:
-        """One training step: forward and loss (under autocast), backward, optimizer step, zero grad.
-
-        Returns the detached loss. Dropout draws from torch's global generator, as in user code.
-        """
-        with self.autocast():
-            output = self.model(*self.inputs, **self.kwargs)
-            loss = self.loss_fn(output, self.target)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-
-@dataclass(frozen=True)
 class Scenario:
     """A validated scenario file; ``build`` turns a variant of it into a runnable ``Workload``."""
 
@@ -284,7 +246,8 @@ class Scenario:
         try:
             return self.factory(**args)
         except ValueError as error:
-            raise ScenarioError(f"{self.path.name}: field 'args': model {self.model!r} rejected them: {error}") from error
+            message = f"{self.path.name}: field 'args': model {self.model!r} rejected them: {error}"
+            raise ScenarioError(message) from error
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -448,7 +411,9 @@ def _parse_args(where: str, name: str, args: Any, factory: Callable[..., nn.Modu
     return dict(args)
 
 
-def _parse_variant(where: str, prefix: str, data: dict, factory: Callable[..., nn.Module], base: Variant | None) -> Variant:
+def _parse_variant(
+    where: str, prefix: str, data: dict, factory: Callable[..., nn.Module], base: Variant | None
+) -> Variant:
     """The variant in ``data``; fields it lacks come from ``base`` (``args`` are merged into base's)."""
     args = _parse_args(where, prefix + "args", data.get("args", {}), factory)
     if base is None:

@@ -1,0 +1,185 @@
+"""Profiling: what it records, that it predicts the measured peak, and that it changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import planner
+from planner.graph import Category
+from planner.scenario import list_scenarios, load_scenario
+from planner.simulator import simulate
+from planner.step import Batch
+
+ZOO = [name for name in list_scenarios() if name != "gpt7b"]
+
+
+def profile_workload(w, **kwargs):
+    return planner.profile(
+        w.model, Batch(w.inputs, w.kwargs), loss_fn=w.loss_closure(), optimizer=w.optimizer,
+        autocast_dtype=w.autocast_dtype, **kwargs,
+    )
+
+
+def measure_workload(w):
+    return planner.measure(
+        w.model, Batch(w.inputs, w.kwargs), loss_fn=w.loss_closure(), optimizer=w.optimizer,
+        autocast_dtype=w.autocast_dtype, steps=1,
+    )
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_predicted_peak_matches_measured(name):
+    w = load_scenario(name).build()
+    predicted = simulate(profile_workload(w)).peak_bytes
+    measured = measure_workload(w).peak_bytes
+    assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
+
+
+@pytest.mark.parametrize("name", ["gpt", "resnet", "lstm_cell"])
+def test_meta_profile_predicts_the_same_memory(name):
+    real = profile_workload(load_scenario(name).build())
+    meta = profile_workload(load_scenario(name).build(device="meta"))
+    assert not meta.measured_times and real.measured_times
+    assert [u.key for u in meta.units] == [u.key for u in real.units]
+    assert [u.saved_bytes for u in meta.units] == [u.saved_bytes for u in real.units]
+    assert simulate(meta).peak_bytes == simulate(real).peak_bytes
+    assert meta.step_ms > 0
+
+
+def snapshot(model, optimizer):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        repr(optimizer.state_dict()["state"]),
+        {k: [t.clone() for t in s.values() if isinstance(t, torch.Tensor)] for k, s in optimizer.state_dict()["state"].items()},
+        torch.get_rng_state(),
+    )
+
+
+def assert_same(before, after):
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), k
+    assert before[1].split("tensor")[0] == after[1].split("tensor")[0]
+    assert before[2].keys() == after[2].keys()
+    for k in before[2]:
+        assert all(torch.equal(a, b) for a, b in zip(before[2][k], after[2][k]))
+    assert torch.equal(before[3], after[3])
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_profile_leaves_model_optimizer_and_rng_untouched(warm):
+    w = load_scenario("resnet").build()  # batch norm buffers, AdamW state
+    if warm:
+        w.step()  # the optimizer has state to preserve
+    before = snapshot(w.model, w.optimizer)
+    graph = profile_workload(w)
+    assert_same(before, snapshot(w.model, w.optimizer))
+    assert (graph.first_step_extra_bytes > 0) != warm  # AdamW creates its state at the first step
+
+
+def test_units_of_a_module_called_several_times():
+    w = load_scenario("lstm_cell").build()
+    graph = profile_workload(w)
+    cells = [u for u in graph.units if u.kind == "LSTMCell"]
+    steps = w.inputs[0].shape[1]
+    layers = len({u.name for u in cells})
+    assert len(cells) == steps * layers
+    assert {u.call for u in cells} == set(range(steps))
+    assert len({u.key for u in graph.units}) == len(graph.units)
+
+
+class Shared(nn.Module):
+    """One block applied twice, Python control flow on data, and a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.block = nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x, *, scale: float = 1.0, mask=None):
+        h = self.inp(x)
+        for _ in range(2):
+            h = self.block(h)
+        if h.mean() > 0:  # data-dependent branch
+            h = h * scale
+        if mask is not None:
+            h = h * mask
+        return {"logits": self.out(h)}
+
+
+def test_reused_block_control_flow_and_keyword_arguments():
+    model = Shared()
+    x, mask = torch.randn(8, 16), torch.ones(8, 32)
+    graph = planner.profile(
+        model, Batch((x,), {"scale": 0.5, "mask": mask}), loss_fn=lambda out: out["logits"].pow(2).mean()
+    )
+    assert [u.key for u in graph.units] == ["inp#0", "block#0", "block#1", "out#0"]
+    assert graph.edges == ((0, 1), (1, 2), (2, 3))
+    assert graph.is_chain()
+
+
+def test_units_chosen_by_class_and_pattern():
+    w = load_scenario("resnet").build()
+    by_class = profile_workload(w, units=["BasicBlock"])
+    by_pattern = profile_workload(w, units=["layer*.*"])
+    assert [u.key for u in by_class.units] == [u.key for u in by_pattern.units]
+    assert all(u.name.startswith("layer") for u in by_class.units)
+    with pytest.raises(ValueError, match="no module"):
+        profile_workload(w, units=["NoSuchLayer"])
+
+
+class SavesViews(nn.Module):
+    """Saves a tensor, a view of it and a parameter: only the tensor is new memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 64))
+
+    def forward(self, x):
+        y = torch.relu(x)  # relu saves its output y
+        z = y.view(-1) * y.view(-1)  # mul saves the views of y
+        return (z.view(32, 64) @ self.w).sum()  # mm saves its input (new) and the parameter (not new)
+
+
+def test_saved_bytes_counted_once_per_storage_and_never_for_parameters():
+    model = nn.Sequential(SavesViews())
+    graph = planner.profile(model, torch.randn(32, 64))
+    (unit,) = graph.units
+    y_bytes = 32 * 64 * 4
+    assert unit.saved_bytes == 2 * y_bytes  # y, and the product z that mm saves
+    activations = [b for b in graph.blocks if b.category is Category.ACTIVATIONS and b.savers]
+    assert sum(b.bytes for b in activations) == 2 * y_bytes
+
+
+def test_skip_connections_are_edges():
+    graph = profile_workload(load_scenario("unet").build())
+    dag = graph.dag()
+    assert any(v - u > 2 for u, v in dag.edges)  # a long skip from encoder to decoder
+    assert not graph.is_chain()
+    assert profile_workload(load_scenario("resnet").build()).is_chain()
+
+
+def test_fixed_memory_and_first_step():
+    w = load_scenario("gpt").build()
+    graph = profile_workload(w)
+    params = sum(p.numel() * p.element_size() for p in w.model.parameters())
+    assert graph.fixed.parameters == params  # the tied head weight counted once
+    n_tensors = len(list(w.model.parameters()))
+    # AdamW keeps two moments per parameter and a step count per tensor, all made by the first step.
+    assert 2 * params <= graph.fixed.optimizer <= 2 * params + 8 * n_tensors
+    assert graph.first_step_extra_bytes == graph.fixed.optimizer
+    assert graph.fixed.inputs == sum(t.numel() * t.element_size() for t in w.inputs)
+
+
+def test_batch_the_model_rejects_shows_its_error():
+    model = nn.Sequential(nn.Linear(16, 4))
+    with pytest.raises(RuntimeError, match="example batch.*(mat1 and mat2|shapes)"):
+        planner.profile(model, torch.randn(8, 5))
+
+
+def test_empty_model_is_refused():
+    with pytest.raises(ValueError, match="no tensor that requires grad"):
+        planner.profile(nn.Sequential(), torch.randn(4, 4))
