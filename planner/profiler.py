@@ -145,8 +145,8 @@ class _Recorder(StorageTracker):
         for key in new:
             self.open[key].sources = sources
             self.open[key].op = self.op_name
-        for key in written & self.open.keys():  # in-place results carry what was written into them
-            self.open[key].sources |= sources
+        for key in written & self.open.keys():  # an in-place result now holds what was computed here
+            self.open[key].sources = sources
 
     # Saved tensors.
     def pack(self, t: torch.Tensor) -> tuple[torch.Tensor, int | None]:
@@ -186,6 +186,11 @@ class _Recorder(StorageTracker):
         unit.fwd_end = self.tick
         tensors = list(tensors_in(output))
         unit.output_bytes = storage_bytes(tensors)
+        for t in tensors:  # an output passed through untouched now comes from this unit
+            block = self.open.get(storage_key(t))
+            if block is not None and block.owner != self.current:
+                unit.preds |= block.sources
+                block.sources = frozenset({self.current})
         self.last_outputs = {id(t) for t in tensors}
         self.current = None
 

@@ -9,13 +9,14 @@ measurement see the same work::
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from planner.step import Batch, train_step
 
 
 @dataclass(frozen=True)
@@ -31,20 +32,10 @@ class Workload:
     autocast_dtype: torch.dtype | None
     device: torch.device
 
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """The autocast context of the forward pass (a no-op at float32 precision).
-
-        PyTorch has no autocast for the meta device (and CPU or CUDA autocast leave meta tensors
-        alone), so on meta the step runs in float32 and ``autocast_dtype`` only informs: outputs of
-        matmul-like ops come out twice the bytes they would under bfloat16. To see mixed-precision
-        tensors without allocating, build on "cpu" under
-        ``torch._subclasses.fake_tensor.FakeTensorMode`` and step under the same mode: CPU
-        autocast applies to fake tensors (with CPU's op lists, which differ from CUDA's in
-        normalisation and softmax ops).
-        """
-        if self.autocast_dtype is None or self.device.type == "meta":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    @property
+    def batch(self) -> Batch:
+        """The example inputs of the forward."""
+        return Batch(self.inputs, self.kwargs)
 
     def loss_closure(self) -> Callable[[Any], Tensor]:
         """``fn(output) -> loss`` with the target bound."""
@@ -52,14 +43,8 @@ class Workload:
         return lambda output: loss_fn(output, target)
 
     def step(self) -> Tensor:
-        """One training step: forward and loss (under autocast), backward, optimizer step, zero grad.
+        """One training step as a user's loop runs it (see `planner.step.train_step`); returns the loss.
 
-        Returns the detached loss. Dropout draws from torch's global generator, as in user code.
+        On the meta device there is no autocast, so a mixed-precision scenario steps in float32 there.
         """
-        with self.autocast():
-            output = self.model(*self.inputs, **self.kwargs)
-            loss = self.loss_fn(output, self.target)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return train_step(self.model, self.batch, self.loss_closure(), self.optimizer, self.autocast_dtype)

@@ -96,7 +96,7 @@ class Shared(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.inp = nn.Linear(16, 32)
-        self.block = nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+        self.block = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
         self.out = nn.Linear(32, 4)
 
     def forward(self, x, *, scale: float = 1.0, mask=None):
@@ -137,9 +137,10 @@ class SavesViews(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.randn(64, 64))
+        self.scale = nn.Parameter(torch.ones(64))
 
     def forward(self, x):
-        y = torch.relu(x)  # relu saves its output y
+        y = torch.relu(x * self.scale)  # mul saves x (the batch) and scale (a parameter); relu saves y
         z = y.view(-1) * y.view(-1)  # mul saves the views of y
         return (z.view(32, 64) @ self.w).sum()  # mm saves its input (new) and the parameter (not new)
 
@@ -171,7 +172,7 @@ def test_fixed_memory_and_first_step():
     # AdamW keeps two moments per parameter and a step count per tensor, all made by the first step.
     assert 2 * params <= graph.fixed.optimizer <= 2 * params + 8 * n_tensors
     assert graph.first_step_extra_bytes == graph.fixed.optimizer
-    assert graph.fixed.inputs == sum(t.numel() * t.element_size() for t in w.inputs)
+    assert graph.fixed.inputs == sum(t.numel() * t.element_size() for t in [*w.inputs, *w.kwargs.values()])
 
 
 def test_batch_the_model_rejects_shows_its_error():
