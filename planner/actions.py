@@ -111,8 +111,15 @@ class Semantics:
         )
 
     def effect(self, choice: Choice) -> Effect | None:
-        """The choice's effect, or None when it frees nothing."""
+        """The choice's effect, or None when it frees nothing or cannot run.
+
+        A region cannot start with a unit that writes into its inputs (replaying
+        it would write again), nor keep saved an output that is later written.
+        """
         units = set(choice.units)
+        first = self.graph.units[choice.units[0]]
+        if first.mutates_inputs or any(b.mutated and b.op in choice.save_ops for b in self._made_by(units)):
+            return None
         starts = [self.graph.units[u].bwd_start for u in units if self.graph.units[u].bwd_start is not None]
         if not starts:
             return None
@@ -124,7 +131,9 @@ class Semantics:
         releases = tuple(
             Release(i, self.death(self.graph.blocks[i]), back)
             for i in owned
-            if self.releasable(i, units, choice.save_ops) and self.death(self.graph.blocks[i]) < back < self.graph.blocks[i].free
+            if self.releasable(i, units, choice.save_ops)
+            and self.death(self.graph.blocks[i]) < back < self.graph.blocks[i].free
+            and not (choice.action is Action.OFFLOAD and self.graph.blocks[i].unit_output)
         )
         if not releases:
             return None
@@ -135,6 +144,9 @@ class Semantics:
             replay = tuple((r.block, self.graph.blocks[r.block].bytes) for r in releases)
             extra_ms = self._offload_ms(choice.units[0], sum(self.graph.blocks[r.block].bytes for r in releases))
         return Effect(releases, back, replay, extra_ms)
+
+    def _made_by(self, units: set[int]) -> list[Block]:
+        return [b for b in self.graph.blocks if b.owner in units and b.phase is Phase.FORWARD]
 
     def _prefetch_tick(self, bwd_start: int) -> int:
         """One unit ahead: when the backward of the unit before it in backward order began."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils import checkpoint as ckpt
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from planner.actions import Action, Choice
@@ -70,6 +72,7 @@ class _Region:
     calls: list[tuple[Callable, list, Any, list]] = field(default_factory=list)  # forward, leaves, spec, links
     last_outputs: dict[int, int] = field(default_factory=dict)  # id of a leaf of the last output -> position
     generator: Iterator | None = None
+    buffers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (buffer, value after forward)
 
 
 class Handle:
@@ -185,12 +188,11 @@ class Handle:
         region, self.region = self.region, None
         if region is not None and region.generator is not None:
             next(region.generator, None)
+            modules = [self.modules[self.plan.units[u].rsplit("#", 1)[0]] for u in region.choice.units]
+            region.buffers = [(b, b.clone()) for m in modules for b in m.buffers()]
 
     def _replay(self, region: _Region, *args, **kwargs) -> None:
-        """Run the region's forward again from its first inputs, leaving every buffer as it was."""
-        modules = [self.modules[self.plan.units[u].rsplit("#", 1)[0]] for u in region.choice.units]
-        buffers = [b for m in modules for b in m.buffers()]
-        saved = [b.clone() for b in buffers]
+        """Run the region's forward again from its first inputs, leaving every buffer as the forward left it."""
         self.depth += 1
         try:
             output = region.calls[0][0](*args, **kwargs)
@@ -201,9 +203,10 @@ class Handle:
                 output = forward(*call_args, **call_kwargs)
         finally:
             self.depth -= 1
-            with torch.no_grad():
-                for b, s in zip(buffers, saved):
-                    b.copy_(s)
+            # Outside the checkpoint's own dispatch modes, which expect only the forward's operators.
+            with torch.no_grad(), _disable_current_modes():
+                for buffer, value in region.buffers:
+                    buffer.copy_(value)
 
     @staticmethod
     def _context_fn(choice: Choice):
@@ -247,46 +250,58 @@ class _Offloader:
         return self.stream
 
 
+class _Slot:
+    """One saved tensor: on the device, on the host, or back on the device. Autograd holds it."""
+
+    __slots__ = ("device", "host", "restored", "__weakref__")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.device: torch.Tensor | None = t
+        self.host: _HostCopy | None = None
+        self.restored: torch.Tensor | None = None
+
+
 class _Offloaded:
     """The saved tensors of one offloaded call: on the device during its forward, on the host after."""
 
     def __init__(self, owner: _Offloader, keep: set[int]) -> None:
         self.owner = owner
         self.keep = keep
-        self.slots: list[list] = []  # [device tensor or None, host copy or None, restored tensor or None]
+        self.slots: list[weakref.ref[_Slot]] = []  # released as soon as backward is done with them
         self.prefetch_before: _Offloaded | None = None
 
     def pack(self, t: torch.Tensor):
         if storage_key(t) in self.keep:
             return t
-        slot = [t, None, None]
-        self.slots.append(slot)
+        slot = _Slot(t)
+        self.slots.append(weakref.ref(slot))
         return slot
 
     def unpack(self, packed):
         if isinstance(packed, torch.Tensor):
             return packed
-        if packed[2] is None:
+        if packed.host is not None:
             self.fetch()
-        return packed[2] if packed[2] is not None else packed[0]
+        return packed.restored if packed.restored is not None else packed.device
+
+    def live_slots(self) -> list[_Slot]:
+        return [slot for ref in self.slots if (slot := ref()) is not None]
 
     def finish(self, output: Any) -> None:
         """The call returned: its outputs stay, every other saved tensor goes to the host."""
         outputs = {storage_key(t) for t in tensors_in(output)}
-        for slot in self.slots:
-            if storage_key(slot[0]) not in outputs:
-                slot[1] = _to_host(slot[0], self.owner)
-                slot[0] = None
+        for slot in self.live_slots():
+            if storage_key(slot.device) not in outputs:
+                slot.host, slot.device = _to_host(slot.device, self.owner), None
         for t in tensors_in(output):
             if t.grad_fn is not None and self.prefetch_before is not None:
                 t.grad_fn.register_prehook(lambda grads, before=self.prefetch_before: before.fetch())
                 break
 
     def fetch(self) -> None:
-        for slot in self.slots:
-            if slot[1] is not None and slot[2] is None:
-                slot[2] = _to_device(slot[1], self.owner)
-                slot[1] = None
+        for slot in self.live_slots():
+            if slot.host is not None:
+                slot.restored, slot.host = _to_device(slot.host, self.owner), None
 
 
 @dataclass

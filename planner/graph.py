@@ -70,6 +70,7 @@ class Unit:
     bwd_start: int | None  # tick at which backward first used a tensor it saved
     ops: tuple[Op, ...] = ()
     direct_from: int | None = None  # the unit whose outputs are exactly this unit's tensor inputs
+    mutates_inputs: bool = False  # writes in place into a tensor it did not make
 
     @property
     def key(self) -> str:
@@ -95,6 +96,8 @@ class Block:
     savers: frozenset[int] = frozenset()
     last_use: int | None = None
     op: str = ""  # the operator that allocated it
+    mutated: bool = False  # written in place after it was made
+    unit_output: bool = False  # returned by the unit that made it
 
 
 @dataclass(frozen=True)

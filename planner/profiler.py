@@ -42,6 +42,8 @@ class _Block:
     sources: frozenset[int] = frozenset()  # units whose outputs this storage was computed from
     last_use: int | None = None
     op: str = ""
+    mutated: bool = False  # written in place after it was made
+    unit_output: bool = False  # returned by the unit that made it
 
 
 @dataclass
@@ -69,6 +71,7 @@ class _Unit:
     preds: set[int] = field(default_factory=set)
     ops: list[_Op] = field(default_factory=list)
     direct_from: int | None = None
+    mutates_inputs: bool = False
 
 
 class _Recorder(StorageTracker):
@@ -146,7 +149,11 @@ class _Recorder(StorageTracker):
             self.open[key].sources = sources
             self.open[key].op = self.op_name
         for key in written & self.open.keys():  # an in-place result now holds what was computed here
-            self.open[key].sources = sources
+            block = self.open[key]
+            block.sources = sources
+            block.mutated = True
+            if self.current is not None and block.owner != self.current:
+                self.units[self.current].mutates_inputs = True
 
     # Saved tensors.
     def pack(self, t: torch.Tensor) -> tuple[torch.Tensor, int | None]:
@@ -188,7 +195,9 @@ class _Recorder(StorageTracker):
         unit.output_bytes = storage_bytes(tensors)
         for t in tensors:  # an output passed through untouched now comes from this unit
             block = self.open.get(storage_key(t))
-            if block is not None and block.owner != self.current:
+            if block is not None and block.owner == self.current:
+                block.unit_output = True
+            elif block is not None:
                 unit.preds |= block.sources
                 block.sources = frozenset({self.current})
         self.last_outputs = {id(t) for t in tensors}
@@ -331,7 +340,7 @@ def _graph(
             category = Category.ACTIVATIONS
         else:
             category = Category.TRANSIENTS
-        blocks.append(Block(b.bytes, category, b.phase, b.alloc, b.free, b.owner, frozenset(b.savers), b.last_use, b.op))
+        blocks.append(Block(b.bytes, category, b.phase, b.alloc, b.free, b.owner, frozenset(b.savers), b.last_use, b.op, b.mutated, b.unit_output))
     first_step_bytes = sum(b.bytes for b in opt_state)
     fixed = FixedMemory(
         parameters=fixed_sizes[Category.PARAMETERS],
@@ -363,7 +372,7 @@ def _freeze_unit(index: int, u: _Unit, blocks: list[_Block]) -> Unit:
     )
     return Unit(
         index, u.name, u.call, u.kind, u.fwd_ms, u.bwd_ms, u.fwd_flops, u.bwd_flops, saved,
-        u.input_bytes, u.output_bytes, u.fwd_start, u.fwd_end, u.bwd_start, ops, u.direct_from,
+        u.input_bytes, u.output_bytes, u.fwd_start, u.fwd_end, u.bwd_start, ops, u.direct_from, u.mutates_inputs,
     )
 
 

@@ -136,3 +136,49 @@ def peak_bytes(arr: Arrays, chosen: Sequence[int]) -> int:
         peak = max(peak, int(replays.max()))
     return peak
 
+
+
+@dataclass(frozen=True)
+class Cover:
+    """Bytes an option frees at a coordinate x, each entry covering `lo <= x <= hi` (rows or ticks).
+
+    sum over its entries with lo <= x minus those with hi < x: exact because lo <= hi for every entry.
+    """
+
+    span: int
+    lo_keys: np.ndarray
+    lo_cum: np.ndarray
+    hi_keys: np.ndarray
+    hi_cum: np.ndarray
+
+    @classmethod
+    def of(cls, option: np.ndarray, lo: np.ndarray, hi: np.ndarray, nbytes: np.ndarray) -> Cover:
+        keep = (lo <= hi) & (hi >= 0)
+        option, lo, hi, nbytes = option[keep], np.maximum(lo[keep], 0), hi[keep], nbytes[keep]
+        span = int(hi.max()) + 2 if len(hi) else 1
+        tables = []
+        for end in (lo, hi):
+            keys = option * span + end
+            order = np.argsort(keys, kind="stable")
+            tables += [keys[order], np.concatenate([[0], np.cumsum(nbytes[order])])]
+        return cls(span, *tables)
+
+    def at(self, options: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Bytes options[i] frees at x[i] (arrays of one shape)."""
+        base = np.asarray(options, dtype=np.int64) * self.span
+        x = np.clip(x, 0, self.span - 1)
+        first_lo = np.searchsorted(self.lo_keys, base, side="left")
+        first_hi = np.searchsorted(self.hi_keys, base, side="left")
+        upto = self.lo_cum[np.searchsorted(self.lo_keys, base + x, side="right")] - self.lo_cum[first_lo]
+        gone = self.hi_cum[np.searchsorted(self.hi_keys, base + x - 1, side="right")] - self.hi_cum[first_hi]
+        return upto - gone
+
+
+def row_cover(arr: Arrays) -> Cover:
+    """Bytes freed through row k: entries covering rows entry_row_lo..entry_row_hi."""
+    return Cover.of(arr.entry_option, arr.entry_row_lo, arr.entry_row_hi, arr.entry_bytes)
+
+
+def tick_cover(arr: Arrays) -> Cover:
+    """Bytes freed at tick t: entries with death < t <= back."""
+    return Cover.of(arr.entry_option, arr.entry_death + 1, arr.entry_back, arr.entry_bytes)

@@ -1,0 +1,219 @@
+"""Greedy: add the option that lowers the peak most per millisecond until the plan fits.
+
+    repeat:  o* = argmax_{o compatible with C}  (peak(C) - peak(C + o)) / cost_o ;  C <- C + o*
+    until    peak(C) <= budget   (FEASIBLE)   or no option lowers the peak (INFEASIBLE)
+
+When no option lowers the peak (several rows share it), the one freeing the
+most bytes per millisecond at the rows that hold the peak is added instead.
+peak(C + o) is estimated in O(1) per option from the rows' memory with range
+maxima (chosen replays move with the row that holds them, exact when rows are
+cut at every entry's ends, as `build_problem` cuts them); the plan's own peak
+is always exact, and the returned plan is checked against it. No optimality
+claim: the status is FEASIBLE or INFEASIBLE.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from solvers import arrays
+from solvers.arrays import Arrays
+from solvers.base import Solution, Status
+from solvers.problem import Problem
+
+NONE = np.iinfo(np.int64).min // 4  # below any memory
+
+
+def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
+    start = time.perf_counter()
+    arr = arrays.of(problem)
+    chosen, peak = plan(problem, arr, problem.budget_bytes, start + time_limit_s)
+    solve_s = time.perf_counter() - start
+    if peak > problem.budget_bytes:
+        return Solution((), Status.INFEASIBLE, solve_s=solve_s)
+    return Solution(chosen, Status.FEASIBLE, solve_s=solve_s)
+
+
+def plan(problem: Problem, arr: Arrays, target_bytes: int, deadline: float = float("inf")) -> tuple[tuple[int, ...], int]:
+    """Greedy options until the peak is at most `target_bytes` (or nothing helps); the plan and its exact peak."""
+    state = _State.of(problem, arr)
+    while state.peak() > target_bytes and time.perf_counter() < deadline:
+        o = state.best()
+        if o is None:
+            break
+        state.add(o)
+    chosen = tuple(sorted(state.chosen))
+    peak = arrays.peak_bytes(arr, chosen)
+    assert peak == state.peak(), "greedy's running peak disagrees with the evaluator"
+    return chosen, peak
+
+
+@dataclass
+class _Static:
+    """Per option: rows covered by some entry [lo, hi] and by all [flo, fhi]; partial rows with their bytes."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    flo: np.ndarray
+    fhi: np.ndarray
+    part_option: np.ndarray  # partial (option, row, bytes) triples, grouped by option
+    part_row: np.ndarray
+    part_bytes: np.ndarray
+    tick_row: np.ndarray  # row holding each option's back tick, -1 if none
+    self_freed: np.ndarray  # bytes an option frees at its own back tick
+
+
+def _static(arr: Arrays) -> _Static:
+    n, rows = arr.n_options, len(arr.row_first)
+    e_lo, e_hi, opt = arr.entry_row_lo, arr.entry_row_hi, arr.entry_option
+    nonempty = e_lo <= e_hi
+    lo, hi = np.full(n, rows), np.full(n, -1)
+    np.minimum.at(lo, opt[nonempty], e_lo[nonempty])
+    np.maximum.at(hi, opt[nonempty], e_hi[nonempty])
+    flo, fhi = np.full(n, -1), np.full(n, rows)
+    np.maximum.at(flo, opt, e_lo)
+    np.minimum.at(fhi, opt, e_hi)
+    has_full = flo <= fhi
+    # partial rows: [lo, flo) and (fhi, hi] when some row is full, else all of [lo, hi]
+    seg_lo = np.concatenate([lo, np.where(has_full, fhi + 1, hi + 1)])
+    seg_hi = np.concatenate([np.where(has_full, flo - 1, hi), hi])
+    seg_opt = np.concatenate([np.arange(n), np.arange(n)])
+    length = np.maximum(seg_hi - seg_lo + 1, 0)
+    order = np.argsort(seg_opt, kind="stable")
+    seg_lo, length, seg_opt = seg_lo[order], length[order], seg_opt[order]
+    part_option = np.repeat(seg_opt, length)
+    offsets = np.repeat(np.cumsum(length) - length, length)
+    part_row = np.repeat(seg_lo, length) + np.arange(len(part_option)) - offsets
+    part_bytes = arrays.row_cover(arr).at(part_option, part_row)
+    return _Static(
+        lo,
+        hi,
+        flo,
+        fhi,
+        part_option,
+        part_row,
+        part_bytes,
+        arr.row_of_tick(arr.option_back),
+        arrays.tick_cover(arr).at(np.arange(n), arr.option_back),
+    )
+
+
+@dataclass
+class _State:
+    arr: Arrays
+    static: _Static
+    tick: arrays.Cover
+    mem: np.ndarray  # bytes per row with the chosen options
+    freed_back: np.ndarray  # per option: bytes the chosen options free at its back tick
+    usable: np.ndarray  # per option: compatible with the chosen ones, frees something
+    chosen: list[int]
+    option_units: list[tuple[int, ...]]
+    unit_options: dict[int, np.ndarray]  # per unit: the options using it
+
+    @classmethod
+    def of(cls, problem: Problem, arr: Arrays) -> _State:
+        static = _static(arr)
+        unit_options: dict[int, list[int]] = {}
+        for o, option in enumerate(problem.options):
+            for u in option.units:
+                unit_options.setdefault(u, []).append(o)
+        return cls(
+            arr,
+            static,
+            arrays.tick_cover(arr),
+            arr.row_peak.copy(),
+            np.zeros(arr.n_options, dtype=np.int64),
+            arr.option_total > 0,
+            [],
+            [option.units for option in problem.options],
+            {u: np.array(v) for u, v in unit_options.items()},
+        )
+
+    def replays(self) -> np.ndarray:
+        c = np.array(self.chosen, dtype=np.int64)
+        return self.arr.option_replay_need[c] - self.freed_back[c]
+
+    def peak(self) -> int:
+        replays = self.replays()
+        return int(max(self.mem.max(), replays.max() if len(replays) else NONE))
+
+    def best(self) -> int | None:
+        """The option to add next, or None when none lowers the peak or frees bytes where it is."""
+        s, arr = self.static, self.arr
+        c = np.array(self.chosen, dtype=np.int64)
+        eff, loose = self.mem.copy(), NONE
+        if len(c):
+            rows, values = s.tick_row[c], self.replays()
+            np.maximum.at(eff, rows[rows >= 0], values[rows >= 0])
+            loose = int(values[rows < 0].max()) if (rows < 0).any() else NONE
+        peak = max(int(eff.max()), loose)
+        cand = np.flatnonzero(self.usable)
+        if len(cand) == 0:
+            return None
+        est = _estimate(eff, s, arr, cand, self.freed_back)
+        est = np.maximum(est, loose)
+        gain = peak - est
+        cost = arr.option_cost_ms[cand]
+        if (gain > 0).any():
+            score = np.where(gain > 0, gain / np.maximum(cost, 1e-12), -np.inf)
+            return int(cand[np.argmax(score)])
+        return self._at_peak(eff, peak, cand, cost) if loose < peak else None
+
+    def _at_peak(self, eff: np.ndarray, peak: int, cand: np.ndarray, cost: np.ndarray) -> int | None:
+        """The option freeing most bytes per ms through rows at the peak (several rows hold it)."""
+        s = self.static
+        at_peak = np.concatenate([[0], np.cumsum(eff == peak)])
+        flo, fhi = s.flo[cand], s.fhi[cand]
+        count = np.where(flo <= fhi, at_peak[np.clip(fhi + 1, 0, len(eff))] - at_peak[np.clip(flo, 0, len(eff))], 0)
+        if not (count > 0).any():
+            return None
+        score = count * self.arr.option_total[cand] / np.maximum(cost, 1e-12)
+        return int(cand[np.argmax(score)])
+
+    def add(self, o: int) -> None:
+        arr = self.arr
+        span = arr.entries(o)
+        for lo, hi, b in zip(arr.entry_row_lo[span], arr.entry_row_hi[span], arr.entry_bytes[span]):
+            if lo <= hi:
+                self.mem[lo : hi + 1] -= b
+        self.freed_back += self.tick.at(np.full(arr.n_options, o), arr.option_back)
+        self.chosen.append(o)
+        for u in self.option_units[o]:
+            self.usable[self.unit_options[u]] = False
+
+
+def _estimate(eff: np.ndarray, s: _Static, arr: Arrays, cand: np.ndarray, freed_back: np.ndarray) -> np.ndarray:
+    """Estimated peak with each candidate added."""
+    rows = len(eff)
+    prefix = np.maximum.accumulate(eff)
+    suffix = np.maximum.accumulate(eff[::-1])[::-1]
+    lo, hi, flo, fhi = s.lo[cand], s.hi[cand], s.flo[cand], s.fhi[cand]
+    covered = lo <= hi
+    left = np.where(covered & (lo > 0), prefix[np.clip(lo - 1, 0, rows - 1)], NONE)
+    right = np.where(covered & (hi < rows - 1), suffix[np.clip(hi + 1, 0, rows - 1)], NONE)
+    outside = np.where(covered, np.maximum(left, right), prefix[-1])
+    has_full = flo <= fhi
+    full = np.full(len(cand), NONE, dtype=np.int64)
+    full[has_full] = _range_max(eff, flo[has_full], fhi[has_full]) - arr.option_total[cand[has_full]]
+    partial = np.full(arr.n_options, NONE, dtype=np.int64)
+    if len(s.part_option):
+        np.maximum.at(partial, s.part_option, eff[s.part_row] - s.part_bytes)
+    own = arr.option_replay_need[cand] - freed_back[cand] - s.self_freed[cand]
+    return np.maximum.reduce([outside, full, partial[cand], own])
+
+
+def _range_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """max(values[lo[i]:hi[i] + 1]) for each i, with a sparse table."""
+    table = [values]
+    while (1 << len(table)) <= len(values):
+        prev, half = table[-1], 1 << (len(table) - 1)
+        table.append(np.maximum(prev[:-half], prev[half:]))
+    level = np.floor(np.log2(hi - lo + 1)).astype(np.int64)
+    out = np.empty(len(lo), dtype=values.dtype)
+    for j in np.unique(level):
+        m = level == j
+        out[m] = np.maximum(table[j][lo[m]], table[j][hi[m] - (1 << j) + 1])
+    return out
