@@ -81,7 +81,6 @@ class Semantics:
         self.roofline = roofline
         self._fwd_ends = [u.fwd_end for u in graph.units]
         self._fwd_starts = [u.fwd_start for u in graph.units]
-        self._bwd_starts = sorted(u.bwd_start for u in graph.units if u.bwd_start is not None)
 
     def death(self, block: Block) -> int:
         """The forward tick after which nothing in forward needs the block any more."""
@@ -123,10 +122,7 @@ class Semantics:
         starts = [self.graph.units[u].bwd_start for u in units if self.graph.units[u].bwd_start is not None]
         if not starts:
             return None
-        if choice.action is Action.RECOMPUTE:
-            back = min(starts)
-        else:
-            back = self._prefetch_tick(min(starts))
+        back = min(starts) if choice.action is Action.RECOMPUTE else self._prefetch_tick(choice.units[0])
         owned = [i for i, b in enumerate(self.graph.blocks) if b.owner in units and b.phase is Phase.FORWARD]
         releases = tuple(
             Release(i, self.death(self.graph.blocks[i]), back)
@@ -148,10 +144,12 @@ class Semantics:
     def _made_by(self, units: set[int]) -> list[Block]:
         return [b for b in self.graph.blocks if b.owner in units and b.phase is Phase.FORWARD]
 
-    def _prefetch_tick(self, bwd_start: int) -> int:
-        """One unit ahead: when the backward of the unit before it in backward order began."""
-        i = bisect.bisect_left(self._bwd_starts, bwd_start)
-        return self._bwd_starts[i - 1] if i > 0 else self.graph.phases[Phase.FORWARD][1]
+    def _prefetch_tick(self, unit: int) -> int:
+        """When backward reaches the next unit's outputs, or first needs the unit's own tensors."""
+        units = self.graph.units
+        if unit + 1 < len(units) and units[unit + 1].grad_tick is not None:
+            return min(units[unit + 1].grad_tick, units[unit].bwd_start)
+        return units[unit].bwd_start
 
     def _replay(self, owned: list[int], released: set[int], save_ops: frozenset[str]) -> tuple[tuple[int, int], ...]:
         """The region's forward run again: its blocks allocated in order, all but the released ones freed."""

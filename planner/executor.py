@@ -140,20 +140,26 @@ class Handle:
                 return forward(*args, **kwargs)
             call = self.calls.get(name, 0)
             self.calls[name] = call + 1
-            action = self.actions.get((name, call))
             self.depth += 1
             try:
-                if action is None:
-                    return forward(*args, **kwargs)
-                self.seen.add((name, call))
-                choice, position = action
-                if choice.action is Action.OFFLOAD:
-                    return self.offload.run(forward, args, kwargs, self.modules[name])
-                return self._recompute(choice, position, forward, args, kwargs)
+                waiting, self.offload.waiting = self.offload.waiting, None
+                output = self._run(name, call, forward, args, kwargs)
+                self.offload.prefetch_on_grad(waiting, output)
+                return output
             finally:
                 self.depth -= 1
 
         return run
+
+    def _run(self, name: str, call: int, forward: Callable, args: tuple, kwargs: dict):
+        action = self.actions.get((name, call))
+        if action is None:
+            return forward(*args, **kwargs)
+        self.seen.add((name, call))
+        choice, position = action
+        if choice.action is Action.OFFLOAD:
+            return self.offload.run(forward, args, kwargs, self.modules[name])
+        return self._recompute(choice, position, forward, args, kwargs)
 
     def _recompute(self, choice: Choice, position: int, forward: Callable, args: tuple, kwargs: dict):
         if position == 0:
@@ -226,23 +232,29 @@ class _Offloader:
     """Moves saved tensors of offloaded unit calls to host memory and back."""
 
     def __init__(self) -> None:
-        self.pending: list[_Offloaded] = []  # offloaded calls whose tensors are on the host, in forward order
+        self.waiting: _Offloaded | None = None  # the last offloaded call, until the next unit call returns
         self.stream = None
 
     def start(self) -> None:
-        self.pending = []
+        self.waiting = None
 
     def run(self, forward: Callable, args: tuple, kwargs: dict, module: nn.Module):
         keep = {storage_key(t) for t in tensors_in((args, kwargs))}
         keep |= {storage_key(t) for t in [*module.parameters(), *module.buffers()]}
         call = _Offloaded(self, keep)
-        if self.pending:  # backward reaching this call's outputs brings the previous one back
-            call.prefetch_before = self.pending[-1]
         with torch.autograd.graph.saved_tensors_hooks(call.pack, call.unpack):
             output = forward(*args, **kwargs)
         call.finish(output)
-        self.pending.append(call)
         return output
+
+    @staticmethod
+    def prefetch_on_grad(waiting: _Offloaded | None, output: Any) -> None:
+        """Backward reaching `output` (the next unit call's) brings the waiting offloaded call back."""
+        if waiting is not None:
+            for t in tensors_in(output):
+                if t.grad_fn is not None:
+                    t.grad_fn.register_prehook(lambda grads: waiting.fetch())
+                    break
 
     def side_stream(self, device: torch.device):
         if self.stream is None:
@@ -250,95 +262,112 @@ class _Offloader:
         return self.stream
 
 
-class _Slot:
-    """One saved tensor: on the device, on the host, or back on the device. Autograd holds it."""
+class _Stored:
+    """One storage that offloaded tensors live in: on the device, on the host, or back on the device."""
 
-    __slots__ = ("device", "host", "restored", "__weakref__")
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.device: torch.Tensor | None = t
+    def __init__(self, storage: torch.UntypedStorage) -> None:
+        self.device: torch.UntypedStorage | None = storage
         self.host: _HostCopy | None = None
-        self.restored: torch.Tensor | None = None
+        self.restored: torch.UntypedStorage | None = None
+
+
+class _Slot:
+    """One saved tensor, as a view into a `_Stored`; autograd holds it until backward is done with it."""
+
+    __slots__ = ("stored", "dtype", "size", "stride", "offset", "__weakref__")
+
+    def __init__(self, stored: _Stored, t: torch.Tensor) -> None:
+        self.stored = stored
+        self.dtype, self.size, self.stride, self.offset = t.dtype, t.size(), t.stride(), t.storage_offset()
+
+    def tensor(self) -> torch.Tensor:
+        storage = self.stored.restored if self.stored.restored is not None else self.stored.device
+        return torch.empty(0, dtype=self.dtype, device=storage.device).set_(
+            storage, self.offset, self.size, self.stride
+        )
 
 
 class _Offloaded:
-    """The saved tensors of one offloaded call: on the device during its forward, on the host after."""
+    """The saved tensors of one offloaded call: on the device during its forward, on the host after.
+
+    Tensors that share a storage (views, aliases) share one copy.
+    """
 
     def __init__(self, owner: _Offloader, keep: set[int]) -> None:
         self.owner = owner
         self.keep = keep
-        self.slots: list[weakref.ref[_Slot]] = []  # released as soon as backward is done with them
-        self.prefetch_before: _Offloaded | None = None
+        self.stored: dict[int, _Stored] = {}  # storage key -> its copy, during the forward
+        self.slots: list[weakref.ref[_Slot]] = []
 
     def pack(self, t: torch.Tensor):
-        if storage_key(t) in self.keep:
+        key = storage_key(t)
+        if key in self.keep:
             return t
-        slot = _Slot(t)
+        stored = self.stored.setdefault(key, _Stored(t.untyped_storage()))
+        slot = _Slot(stored, t)
         self.slots.append(weakref.ref(slot))
         return slot
 
     def unpack(self, packed):
         if isinstance(packed, torch.Tensor):
             return packed
-        if packed.host is not None:
+        if packed.stored.host is not None:
             self.fetch()
-        return packed.restored if packed.restored is not None else packed.device
-
-    def live_slots(self) -> list[_Slot]:
-        return [slot for ref in self.slots if (slot := ref()) is not None]
+        return packed.tensor()
 
     def finish(self, output: Any) -> None:
-        """The call returned: its outputs stay, every other saved tensor goes to the host."""
+        """The call returned: its outputs stay, every other saved storage goes to the host."""
         outputs = {storage_key(t) for t in tensors_in(output)}
-        for slot in self.live_slots():
-            if storage_key(slot.device) not in outputs:
-                slot.host, slot.device = _to_host(slot.device, self.owner), None
-        for t in tensors_in(output):
-            if t.grad_fn is not None and self.prefetch_before is not None:
-                t.grad_fn.register_prehook(lambda grads, before=self.prefetch_before: before.fetch())
-                break
+        for key, stored in self.stored.items():
+            if key not in outputs:
+                stored.host, stored.device = _to_host(stored.device, self.owner), None
+        self.stored = {}
+        self.owner.waiting = self
 
     def fetch(self) -> None:
-        for slot in self.live_slots():
-            if slot.host is not None:
-                slot.restored, slot.host = _to_device(slot.host, self.owner), None
+        for ref in self.slots:
+            slot = ref()
+            if slot is not None and slot.stored.host is not None:
+                slot.stored.restored, slot.stored.host = _to_device(slot.stored.host, self.owner), None
 
 
 @dataclass
 class _HostCopy:
-    data: Any  # a pinned CPU tensor, or a NumPy array for tensors that live on the CPU
+    data: Any  # a pinned CPU tensor of bytes, or a NumPy array for storages that live on the CPU
     device: torch.device
-    dtype: torch.dtype
-    shape: torch.Size
     event: Any = None
 
 
-def _to_host(t: torch.Tensor, owner: _Offloader) -> _HostCopy:
-    if t.is_cuda:
-        stream = owner.side_stream(t.device)
-        stream.wait_stream(torch.cuda.current_stream(t.device))
+def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+def _to_host(storage: torch.UntypedStorage, owner: _Offloader) -> _HostCopy:
+    data = _bytes_of(storage)
+    if storage.device.type == "cuda":
+        stream = owner.side_stream(storage.device)
+        stream.wait_stream(torch.cuda.current_stream(storage.device))
         with torch.cuda.stream(stream):
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
-            t.record_stream(stream)
+            host = torch.empty(data.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(data, non_blocking=True)
+            data.record_stream(stream)
             event = torch.cuda.Event()
             event.record(stream)
-        return _HostCopy(host, t.device, t.dtype, t.shape, event)
+        return _HostCopy(host, storage.device, event)
     # On the CPU "host memory" is memory outside the tensor allocator: a NumPy copy of the bytes.
-    data = t.detach().contiguous().view(-1).view(torch.uint8).numpy().copy()
-    return _HostCopy(data, t.device, t.dtype, t.shape)
+    return _HostCopy(data.numpy().copy(), storage.device)
 
 
-def _to_device(copy: _HostCopy, owner: _Offloader) -> torch.Tensor:
+def _to_device(copy: _HostCopy, owner: _Offloader) -> torch.UntypedStorage:
     if copy.device.type == "cuda":
         stream = owner.side_stream(copy.device)
         stream.wait_event(copy.event)
         with torch.cuda.stream(stream):
-            t = copy.data.to(copy.device, non_blocking=True)
+            data = copy.data.to(copy.device, non_blocking=True)
         torch.cuda.current_stream(copy.device).wait_stream(stream)
-        t.record_stream(torch.cuda.current_stream(copy.device))
-        return t
-    return torch.from_numpy(copy.data).view(copy.dtype).view(copy.shape).clone()
+        data.record_stream(torch.cuda.current_stream(copy.device))
+        return data.untyped_storage()
+    return torch.from_numpy(copy.data).clone().untyped_storage()
 
 
 @contextlib.contextmanager

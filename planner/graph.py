@@ -71,6 +71,7 @@ class Unit:
     ops: tuple[Op, ...] = ()
     direct_from: int | None = None  # the unit whose outputs are exactly this unit's tensor inputs
     mutates_inputs: bool = False  # writes in place into a tensor it did not make
+    grad_tick: int | None = None  # tick at which backward reached its outputs
 
     @property
     def key(self) -> str:

@@ -72,6 +72,7 @@ class _Unit:
     ops: list[_Op] = field(default_factory=list)
     direct_from: int | None = None
     mutates_inputs: bool = False
+    grad_tick: int | None = None
 
 
 class _Recorder(StorageTracker):
@@ -179,6 +180,10 @@ class _Recorder(StorageTracker):
         self.units.append(unit)
         self.current = len(self.units) - 1
 
+    def _reached(self, unit: _Unit) -> None:
+        if unit.grad_tick is None:
+            unit.grad_tick = self.tick
+
     def _fed_by_last_unit(self, tensors: list[torch.Tensor]) -> bool:
         """Whether the inputs are the last unit's outputs, apart from tensors no unit computed."""
         from_units = [t for t in tensors if self._sources(t)]
@@ -193,6 +198,9 @@ class _Recorder(StorageTracker):
         unit.fwd_end = self.tick
         tensors = list(tensors_in(output))
         unit.output_bytes = storage_bytes(tensors)
+        with_grad = [t for t in tensors if t.grad_fn is not None]
+        if with_grad:
+            with_grad[0].grad_fn.register_prehook(lambda grads, unit=unit: self._reached(unit))
         for t in tensors:  # an output passed through untouched now comes from this unit
             block = self.open.get(storage_key(t))
             if block is not None and block.owner == self.current:
@@ -372,7 +380,7 @@ def _freeze_unit(index: int, u: _Unit, blocks: list[_Block]) -> Unit:
     )
     return Unit(
         index, u.name, u.call, u.kind, u.fwd_ms, u.bwd_ms, u.fwd_flops, u.bwd_flops, saved,
-        u.input_bytes, u.output_bytes, u.fwd_start, u.fwd_end, u.bwd_start, ops, u.direct_from, u.mutates_inputs,
+        u.input_bytes, u.output_bytes, u.fwd_start, u.fwd_end, u.bwd_start, ops, u.direct_from, u.mutates_inputs, u.grad_tick,
     )
 
 

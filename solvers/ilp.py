@@ -52,7 +52,7 @@ def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
     arr = arrays.of(problem)
     need_rows = arr.row_peak - problem.budget_bytes
     need_replays = arr.option_replay_need - problem.budget_bytes
-    replays = np.flatnonzero(need_replays > 0)
+    replays = _binding(arr, arr.option_replay_need, problem.budget_bytes)
     hint, hint_peak = greedy.plan(problem, arr, problem.budget_bytes)
     # variables and constraints
     mem = _memory(problem, arr, rows=np.flatnonzero(need_rows > 0), replays=replays)
@@ -65,9 +65,9 @@ def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
     cost = [round(c * NS_PER_MS) for c in arr.option_cost_ms]
     mem.model.Minimize(cp_model.LinearExpr.WeightedSum(mem.y, cost))
     # hint
-    _hint(mem, hint)
+    _hint(mem, arr, hint)
     # solve
-    solver = _solver(time_limit_s)
+    solver = _solver(time_limit_s - (time.perf_counter() - start))
     status = solver.Solve(mem.model)
     solve_s = time.perf_counter() - start
     # read back
@@ -92,10 +92,11 @@ def min_peak(problem: Problem, time_limit_s: float = 10.0) -> tuple[int, tuple[i
     Proven minimal when CP-SAT finishes within the time limit; otherwise the best plan found.
     """
     # data
+    start = time.perf_counter()
     arr = arrays.of(problem)
     lower = int(np.max(arr.row_peak - arrays.freed_rows(arr, range(arr.n_options))))  # nothing frees more
     rows = np.flatnonzero(arr.row_peak > lower)
-    replays = np.flatnonzero(arr.option_replay_need > lower)
+    replays = _binding(arr, arr.option_replay_need, lower)
     hint, hint_peak = greedy.plan(problem, arr, lower)
     # variables: M, the peak in bytes, on top of the memory model
     mem = _memory(problem, arr, rows=rows, replays=replays)
@@ -109,10 +110,10 @@ def min_peak(problem: Problem, time_limit_s: float = 10.0) -> tuple[int, tuple[i
     # objective
     mem.model.Minimize(peak)
     # hint
-    _hint(mem, hint)
+    _hint(mem, arr, hint)
     mem.model.AddHint(peak, hint_peak)
     # solve
-    solver = _solver(time_limit_s)
+    solver = _solver(time_limit_s - (time.perf_counter() - start))
     status = solver.Solve(mem.model)
     # read back
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -121,6 +122,14 @@ def min_peak(problem: Problem, time_limit_s: float = 10.0) -> tuple[int, tuple[i
     if status == cp_model.UNKNOWN:
         return hint_peak, hint
     raise RuntimeError(f"CP-SAT returned {solver.StatusName(status)} on the min-peak model: {mem.model.Validate()}")
+
+
+def _binding(arr: Arrays, replay_bytes: np.ndarray, floor: int) -> np.ndarray:
+    """Options whose replay can peak above `floor` and above the row holding their back tick
+    (a replay below that row's peak is implied by the row's constraint)."""
+    rows = arr.row_of_tick(arr.option_back)
+    row_peak = np.where(rows >= 0, arr.row_peak[np.maximum(rows, 0)], np.iinfo(np.int64).min)
+    return np.flatnonzero((replay_bytes > floor) & (replay_bytes > row_peak))
 
 
 def _memory(problem: Problem, arr: Arrays, rows: np.ndarray, replays: np.ndarray) -> _Memory:
@@ -205,10 +214,14 @@ def _freed_at_backs(mem: _Memory, arr: Arrays, options: np.ndarray) -> dict[int,
     return out
 
 
-def _hint(mem: _Memory, chosen: tuple[int, ...]) -> None:
+def _hint(mem: _Memory, arr: Arrays, chosen: tuple[int, ...]) -> None:
+    """A complete starting point: the plan's y and the F they give."""
     picked = set(chosen)
     for o, y in enumerate(mem.y):
         mem.model.AddHint(y, o in picked)
+    freed = arrays.freed_rows(arr, chosen) // mem.scale
+    for k, f in mem.freed.items():
+        mem.model.AddHint(f, int(freed[k]))
 
 
 def _solver(time_limit_s: float) -> cp_model.CpSolver:

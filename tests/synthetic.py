@@ -64,9 +64,10 @@ def random_problem(
     if structured:
         options = [_with_base(o, curve) for o in options]
     unplanned = max(r.peak_bytes for r in rows)
-    lowest = min(curve)
-    budget = unplanned - int(rng.uniform(0.0, 0.8) * (unplanned - lowest))
-    return Problem(n_units, tuple(options), rows, budget, unplanned, 10.0 * n_units, all(links))
+    problem = Problem(n_units, tuple(options), rows, unplanned, unplanned, 10.0 * n_units, all(links))
+    everything = range(len(options))  # frees the most, compatible or not: no plan peaks lower
+    lowest = max(r.peak_bytes - problem.freed_at(everything, r.first, r.last) for r in rows)
+    return problem.with_budget(lowest + int(rng.uniform(-0.1, 1.0) * (unplanned - lowest)))
 
 
 def _groups(rng: random.Random, n_units: int) -> list[list[_Group]]:
