@@ -3,6 +3,9 @@
     graph = planner.profile(model, batch, loss_fn=..., optimizer=...)
     sim = planner.simulate(graph)          # predicted peak and timeline
     real = planner.measure(model, batch, loss_fn=..., optimizer=...)
+    plan = planner.plan(graph, "60%")      # keep / recompute / offload per unit
+    handle = planner.apply(model, plan)    # train as before; handle.remove() undoes it
+    handle = planner.auto(model, batch, "60%", loss_fn=..., optimizer=...)   # all three at once
 
 Submodules that need no torch (graph, simulate) import without it, so the
 solvers can use them; the rest is loaded on first use.
@@ -17,6 +20,11 @@ _EXPORTS = {
     "simulate": "planner.simulator",
     "measure": "planner.measurement",
     "load_scenario": "planner.scenario",
+    "plan": "planner.planning",
+    "auto": "planner.planning",
+    "save_plan": "planner.planning",
+    "load_plan": "planner.planning",
+    "apply": "planner.executor",
     "ProfiledGraph": "planner.graph",
     "Batch": "planner.step",
 }

@@ -65,9 +65,14 @@ class Release:
 
 @dataclass(frozen=True)
 class Effect:
-    """What a choice changes: released blocks, the replay at `replay_tick`, extra time in ms."""
+    """What a choice changes: released blocks, the replay at `replay_tick`, extra time in ms.
+
+    `held` are blocks a recomputed region reads from outside, which its checkpoint
+    keeps alive from their first free (`death`) until its backward is over (`back`).
+    """
 
     releases: tuple[Release, ...]
+    held: tuple[Release, ...]
     replay_tick: int
     replay: tuple[tuple[int, int], ...]  # (block index, +bytes allocated or -bytes freed), in order
     extra_ms: float
@@ -81,6 +86,10 @@ class Semantics:
         self.roofline = roofline
         self._fwd_ends = [u.fwd_end for u in graph.units]
         self._fwd_starts = [u.fwd_start for u in graph.units]
+        self._readers: dict[int, set[int]] = {}  # block -> units that take it as an input
+        for u in graph.units:
+            for i in u.inputs:
+                self._readers.setdefault(i, set()).add(u.index)
 
     def death(self, block: Block) -> int:
         """The forward tick after which nothing in forward needs the block any more."""
@@ -104,7 +113,7 @@ class Semantics:
             and b.category is Category.ACTIVATIONS
             and b.owner in units
             and bool(b.savers)
-            and b.savers <= units
+            and b.savers | self._readers.get(index, set()) <= units
             and b.free is not None
             and b.op not in save_ops
         )
@@ -133,13 +142,26 @@ class Semantics:
         )
         if not releases:
             return None
+        held: tuple[Release, ...] = ()
         if choice.action is Action.RECOMPUTE:
             replay = self._replay(owned, {r.block for r in releases}, choice.save_ops)
             extra_ms = sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
+            held = self._held(units, back)
         else:
             replay = tuple((r.block, self.graph.blocks[r.block].bytes) for r in releases)
             extra_ms = self._offload_ms(choice.units[0], sum(self.graph.blocks[r.block].bytes for r in releases))
-        return Effect(releases, back, replay, extra_ms)
+        return Effect(releases, held, back, replay, extra_ms)
+
+    def _held(self, units: set[int], back: int) -> tuple[Release, ...]:
+        """Inputs of the region made outside it, alive until the region's backward is over."""
+        inputs = sorted({i for u in units for i in self.graph.units[u].inputs})
+        blocks = self.graph.blocks
+        until = max([back] + [self.graph.units[u].bwd_end or back for u in units])
+        return tuple(
+            Release(i, blocks[i].free, until)
+            for i in inputs
+            if blocks[i].owner not in units and blocks[i].free is not None and blocks[i].free < until
+        )
 
     def _made_by(self, units: set[int]) -> list[Block]:
         return [b for b in self.graph.blocks if b.owner in units and b.phase is Phase.FORWARD]

@@ -194,6 +194,7 @@ class Handle:
         region, self.region = self.region, None
         if region is not None and region.generator is not None:
             next(region.generator, None)
+            region.generator = None  # the generator refers to the region: no cycle may outlive the step
             modules = [self.modules[self.plan.units[u].rsplit("#", 1)[0]] for u in region.choice.units]
             region.buffers = [(b, b.clone()) for m in modules for b in m.buffers()]
 

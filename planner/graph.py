@@ -72,6 +72,8 @@ class Unit:
     direct_from: int | None = None  # the unit whose outputs are exactly this unit's tensor inputs
     mutates_inputs: bool = False  # writes in place into a tensor it did not make
     grad_tick: int | None = None  # tick at which backward reached its outputs
+    bwd_end: int | None = None  # tick of its last backward operator
+    inputs: tuple[int, ...] = ()  # blocks of its tensor inputs that the step made
 
     @property
     def key(self) -> str:

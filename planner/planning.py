@@ -10,6 +10,9 @@ predicted peak and overhead.
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
+import yaml
 
 from planner.costmodel import REFERENCE, Roofline
 from planner.graph import ProfiledGraph
@@ -96,3 +99,44 @@ def _infeasible(problem: Problem, solver: str, time_limit_s: float) -> Infeasibl
         "use --solver ilp",
         smallest,
     )
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    """Write the plan file (YAML, or JSON by the suffix), whole or not at all."""
+    from planner.export import write
+
+    return write(plan.to_dict(), path)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan file back; a malformed file is a ValueError naming the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"plan file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path.name}: not a YAML or JSON file: {err}") from None
+    return Plan.from_dict(data, source=path.name)
+
+
+def auto(
+    model,
+    example_batch,
+    budget: int | float | str,
+    loss_fn=None,
+    optimizer=None,
+    *,
+    solver: str = "auto",
+    units=None,
+    autocast_dtype=None,
+):
+    """Profile, plan and apply in one call; returns the handle (its `.plan` says what was chosen).
+
+        handle = planner.auto(model, batch, "60%", loss_fn=loss_fn, optimizer=opt)
+    """
+    from planner.executor import apply
+    from planner.profiler import profile
+
+    graph = profile(model, example_batch, loss_fn, optimizer, units=units, autocast_dtype=autocast_dtype)
+    return apply(model, plan(graph, budget, solver=solver))

@@ -73,6 +73,8 @@ class _Unit:
     direct_from: int | None = None
     mutates_inputs: bool = False
     grad_tick: int | None = None
+    bwd_end: int | None = None
+    inputs: list[_Block] = field(default_factory=list)  # blocks of its tensor inputs made in this step
 
 
 class _Recorder(StorageTracker):
@@ -131,6 +133,7 @@ class _Recorder(StorageTracker):
         elif self.phase is Phase.BACKWARD and unit is not None:
             unit.bwd_ms += ms
             unit.bwd_flops += flops
+            unit.bwd_end = self.tick
             return
         self.other_ms += ms
 
@@ -175,6 +178,7 @@ class _Recorder(StorageTracker):
     def enter_unit(self, name: str, call: int, module: nn.Module, inputs: Any) -> None:
         tensors = list(tensors_in(inputs))
         unit = _Unit(name, call, type(module).__name__, self.tick, storage_bytes(tensors))
+        unit.inputs = list({id(b): b for t in tensors if (b := self.open.get(storage_key(t))) is not None}.values())
         if self.units and self._fed_by_last_unit(tensors):
             unit.direct_from = len(self.units) - 1
         self.units.append(unit)
@@ -339,9 +343,11 @@ def _graph(
     grad_ids = {id(b) for b in grads}
     new_state_ids = {id(b) for b in opt_state}
     blocks = []
+    index: dict[int, int] = {}  # id of a recorded block -> its index in the graph
     for b in rec.blocks:
         if id(b) in new_state_ids:
             continue
+        index[id(b)] = len(blocks)
         if id(b) in grad_ids:
             category = Category.GRADIENTS
         elif b.phase is Phase.FORWARD and (b.free is None or b.free > fwd_end):
@@ -360,7 +366,7 @@ def _graph(
         model=type(model).__name__,
         fingerprint=fingerprint(model),
         device=str(device),
-        units=tuple(_freeze_unit(i, u, rec.blocks) for i, u in enumerate(rec.units)),
+        units=tuple(_freeze_unit(i, u, rec.blocks, index) for i, u in enumerate(rec.units)),
         edges=tuple(sorted((p, v) for v, u in enumerate(rec.units) for p in u.preds if p < v)),
         fixed=fixed,
         blocks=tuple(blocks),
@@ -372,7 +378,7 @@ def _graph(
     )
 
 
-def _freeze_unit(index: int, u: _Unit, blocks: list[_Block]) -> Unit:
+def _freeze_unit(index: int, u: _Unit, blocks: list[_Block], block_index: dict[int, int]) -> Unit:
     saved = sum(b.bytes for b in blocks if b.owner == index and b.phase is Phase.FORWARD and b.savers)
     ops = tuple(
         Op(o.name, o.flops, o.ms, sum(b.bytes for b in o.blocks), sum(b.bytes for b in o.blocks if b.savers))
@@ -380,7 +386,8 @@ def _freeze_unit(index: int, u: _Unit, blocks: list[_Block]) -> Unit:
     )
     return Unit(
         index, u.name, u.call, u.kind, u.fwd_ms, u.bwd_ms, u.fwd_flops, u.bwd_flops, saved,
-        u.input_bytes, u.output_bytes, u.fwd_start, u.fwd_end, u.bwd_start, ops, u.direct_from, u.mutates_inputs, u.grad_tick,
+        u.input_bytes, u.output_bytes, u.fwd_start, u.fwd_end, u.bwd_start, ops, u.direct_from, u.mutates_inputs, u.grad_tick, u.bwd_end,
+        tuple(block_index[id(b)] for b in u.inputs if id(b) in block_index),
     )
 
 

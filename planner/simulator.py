@@ -81,6 +81,7 @@ def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline) -> 
     """
     semantics = Semantics(graph, roofline)
     death: dict[int, int] = {}
+    held: dict[int, tuple] = {}  # block -> sort key of its delayed free
     replays = []
     extra_ms = 0.0
     for n, choice in enumerate(choices):
@@ -89,6 +90,8 @@ def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline) -> 
             continue
         extra_ms += effect.extra_ms
         death |= {r.block: r.death for r in effect.releases}
+        for r in effect.held:  # freed after the replay; the latest hold wins
+            held[r.block] = max(held.get(r.block, (r.death, 0)), (r.back, 3, n))
         replays += [((effect.replay_tick, 2, n, k), delta, i) for k, (i, delta) in enumerate(effect.replay)]
     events = []
     for i, b in enumerate(graph.blocks):
@@ -96,6 +99,6 @@ def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline) -> 
         if i in death:
             events.append(((death[i], 1), -b.bytes, b.category))
         if b.free is not None:
-            events.append(((b.free, 0), -b.bytes, b.category))
+            events.append((held.get(i, (b.free, 0)), -b.bytes, b.category))
     events += [(key, delta, graph.blocks[i].category) for key, delta, i in replays]
     return events, extra_ms

@@ -32,7 +32,7 @@ MAX_SEGMENT_UNITS = 16
 
 @dataclass(frozen=True)
 class Freed:
-    """`bytes` off the device for ticks in (death, back]."""
+    """`bytes` off the device for ticks in (death, back]; negative bytes stay on it longer."""
 
     bytes: int
     death: int
@@ -121,6 +121,8 @@ def build_problem(
         freed: dict[int, int] = defaultdict(int)
         for r in effect.releases:
             freed[r.death] += graph.blocks[r.block].bytes
+        for r in effect.held:  # alive longer: negative freed bytes
+            freed[r.death] -= graph.blocks[r.block].bytes
         options.append(
             Option(
                 choice=choice,
