@@ -48,6 +48,7 @@ class Op:
     ms: float
     out_bytes: int
     saved_bytes: int
+    bytes_moved: int = 0  # bytes its inputs and outputs span: its memory traffic
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Unit:
     mutates_inputs: bool = False  # writes in place into a tensor it did not make
     grad_tick: int | None = None  # tick at which backward reached its outputs
     bwd_end: int | None = None  # tick of its last backward operator
+    bwd_bytes: int = 0  # memory traffic of its backward operators
     inputs: tuple[int, ...] = ()  # blocks of its tensor inputs that the step made
 
     @property

@@ -50,6 +50,7 @@ class _Block:
 class _Op:
     name: str
     flops: int
+    bytes_moved: int
     ms: float
     blocks: list[_Block]
 
@@ -68,6 +69,7 @@ class _Unit:
     bwd_ms: float = 0.0
     fwd_flops: int = 0
     bwd_flops: int = 0
+    bwd_bytes: int = 0
     preds: set[int] = field(default_factory=set)
     ops: list[_Op] = field(default_factory=list)
     direct_from: int | None = None
@@ -89,6 +91,8 @@ class _Recorder(StorageTracker):
         self.open: dict[int, _Block] = {}
         self.blocks: list[_Block] = []
         self.other_ms = 0.0
+        self.other_flops = 0  # operators outside every unit: loss, optimizer, glue
+        self.other_bytes = 0
         self.last_outputs: set[int] = set()  # ids of the tensors the last unit returned
         self.op_name = ""
 
@@ -117,10 +121,11 @@ class _Recorder(StorageTracker):
     # Operators.
     def on_op(self, func, args, kwargs, out, inputs: set[int], new: list[int]) -> None:
         flops = _flops(func, args, kwargs, out)
+        moved = _bytes_moved(args, kwargs, out)
         self.op_name = str(func.overloadpacket)
         ms = self.op_ms
         if self.device.type == "meta":
-            ms = costmodel.REFERENCE.op_ms(flops, _bytes_moved(args, kwargs, out))
+            ms = costmodel.REFERENCE.op_ms(flops, moved)
         unit = self.units[self.current] if self.current is not None else None
         if self.phase is Phase.FORWARD:
             written = {storage_key(t) for t in tensors_in(out)} & inputs
@@ -128,14 +133,17 @@ class _Recorder(StorageTracker):
             if unit is not None:
                 unit.fwd_ms += ms
                 unit.fwd_flops += flops
-                unit.ops.append(_Op(self.op_name, flops, ms, [self.open[k] for k in new]))
+                unit.ops.append(_Op(self.op_name, flops, moved, ms, [self.open[k] for k in new]))
                 return
         elif self.phase is Phase.BACKWARD and unit is not None:
             unit.bwd_ms += ms
             unit.bwd_flops += flops
+            unit.bwd_bytes += moved
             unit.bwd_end = self.tick
             return
         self.other_ms += ms
+        self.other_flops += flops
+        self.other_bytes += moved
 
     def _trace_forward(self, inputs: set[int], new: list[int], written: set[int]) -> None:
         """Last uses, and which units each new or overwritten storage was computed from."""
@@ -374,20 +382,38 @@ def _graph(
         step_ms=rec.other_ms + sum(u.fwd_ms + u.bwd_ms for u in rec.units),
         measured_times=device.type != "meta",
         first_step_extra_bytes=first_step_bytes,
-        meta={"other_ms": rec.other_ms},
+        meta={"other_ms": rec.other_ms, "other_flops": rec.other_flops, "other_bytes": rec.other_bytes},
     )
 
 
 def _freeze_unit(index: int, u: _Unit, blocks: list[_Block], block_index: dict[int, int]) -> Unit:
     saved = sum(b.bytes for b in blocks if b.owner == index and b.phase is Phase.FORWARD and b.savers)
     ops = tuple(
-        Op(o.name, o.flops, o.ms, sum(b.bytes for b in o.blocks), sum(b.bytes for b in o.blocks if b.savers))
+        Op(o.name, o.flops, o.ms, sum(b.bytes for b in o.blocks), sum(b.bytes for b in o.blocks if b.savers), o.bytes_moved)
         for o in u.ops
     )
     return Unit(
-        index, u.name, u.call, u.kind, u.fwd_ms, u.bwd_ms, u.fwd_flops, u.bwd_flops, saved,
-        u.input_bytes, u.output_bytes, u.fwd_start, u.fwd_end, u.bwd_start, ops, u.direct_from, u.mutates_inputs, u.grad_tick, u.bwd_end,
-        tuple(block_index[id(b)] for b in u.inputs if id(b) in block_index),
+        index=index,
+        name=u.name,
+        call=u.call,
+        kind=u.kind,
+        fwd_ms=u.fwd_ms,
+        bwd_ms=u.bwd_ms,
+        fwd_flops=u.fwd_flops,
+        bwd_flops=u.bwd_flops,
+        saved_bytes=saved,
+        input_bytes=u.input_bytes,
+        output_bytes=u.output_bytes,
+        fwd_start=u.fwd_start,
+        fwd_end=u.fwd_end,
+        bwd_start=u.bwd_start,
+        ops=ops,
+        direct_from=u.direct_from,
+        mutates_inputs=u.mutates_inputs,
+        grad_tick=u.grad_tick,
+        bwd_end=u.bwd_end,
+        bwd_bytes=u.bwd_bytes,
+        inputs=tuple(block_index[id(b)] for b in u.inputs if id(b) in block_index),
     )
 
 
