@@ -25,6 +25,7 @@ _EXPORTS = {
     "save_plan": "planner.planning",
     "load_plan": "planner.planning",
     "apply": "planner.executor",
+    "compare": "planner.compare",
     "ProfiledGraph": "planner.graph",
     "Batch": "planner.step",
 }

@@ -2,8 +2,10 @@
 
     planner scenarios
     planner profile gpt --measure --export gpt.yaml --plot gpt.png
-    planner profile resnet --variant full --device meta
+    planner profile resnet --variant full --device fake
     planner profile my_scenario.yaml --units "layer*.*" --batch-size 16
+    planner compare gpt --gpus a100-40gb,rtx4090,t4 --max-batch --export gpus.json --plot gpus.png
+    planner train gpt --world-size 2 --sharding fsdp --budget 60%
 
 A command is one `cmd_*` function taking the parsed arguments and a console and returning the
 exit status, plus one block in `build_parser`. Mistakes in what the user asked for (a
@@ -64,6 +66,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="draw memory over the step to a PNG")
     p.set_defaults(run=cmd_profile)
 
+    p = commands.add_parser("plan", help="choose what to keep, recompute or offload under a memory budget")
+    _add_workload_arguments(p)
+    _add_plan_arguments(p)
+    p.add_argument("--out", metavar="FILE", help="write the plan to FILE (.yaml, .yml or .json)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw memory over the step, unplanned and planned")
+    _add_parallel_arguments(p)
+    p.set_defaults(run=cmd_plan)
+
+    p = commands.add_parser("train", help="train the scenario's model for some steps under a plan and measure it")
+    _add_workload_arguments(p)
+    _add_plan_arguments(p, required=False)
+    p.add_argument("--plan", metavar="FILE", help="a plan file made by `planner plan --out` (instead of --budget)")
+    p.add_argument("--steps", type=_positive_int, default=5, metavar="N", help="training steps (default: 5)")
+    _add_parallel_arguments(p)
+    p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("compare", help="which GPUs can train a scenario, with or without a plan, and how fast")
+    p.add_argument("scenario", metavar="SCENARIO", help="a built-in scenario name or a path to a YAML file")
+    p.add_argument("--gpus", metavar="A,B,...", help="catalog names (default: the scenario's gpus, else all)")
+    p.add_argument("--variant", choices=("small", "full"), default="full", help="model size (default: full)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--batch", type=_positive_int, metavar="B", help="batch size (default: the scenario's)")
+    size.add_argument("--max-batch", action="store_true", help="also find the largest batch size that fits")
+    p.add_argument("--max-overhead", type=_share, default=0.10, metavar="P",
+                   help="the most extra time a plan may add, such as 10%% or 0.1 (default: 10%%)")  # fmt: skip
+    p.add_argument("--tf32", action="store_true", help="float32 matrix products run as TF32 on GPUs that have it")
+    p.add_argument("--catalog", metavar="FILE", help="a YAML file of GPUs adding to or replacing the built-in ones")
+    p.add_argument("--solver", default="auto", help="the solver plans are made with (default: auto)")
+    p.add_argument("--export", metavar="FILE", help="write the results to FILE (.json, .yaml or .yml)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw memory and throughput per GPU to a PNG")
+    p.set_defaults(run=cmd_compare)
+
     p = commands.add_parser("scenarios", help="list the built-in scenarios")
     p.set_defaults(run=cmd_scenarios)
     return parser
@@ -75,11 +109,50 @@ def _add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", choices=("small", "full"), default="small", help="model size (default: small)")
     p.add_argument(
         "--device",
-        choices=("cpu", "meta", "cuda"),
+        choices=("cpu", "meta", "fake", "cuda"),
         default="cpu",
-        help="where the step runs; meta allocates nothing and estimates times from FLOPs (default: cpu)",
+        help="where the step runs; meta and fake allocate nothing and estimate times from FLOPs, and fake "
+        "also runs the CPU's autocast and fused kernels (default: cpu)",
     )
     p.add_argument("--batch-size", type=_positive_int, metavar="N", help="override the scenario's batch size")
+
+
+def _add_plan_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--budget",
+        required=required,
+        metavar="B",
+        help="memory budget: a size (6GiB, 6000MB, bytes) or a share of the unplanned peak (60%%)",
+    )
+    p.add_argument("--solver", default="auto", help="ilp, dp, greedy, none, all or sqrt (default: auto)")
+    p.add_argument("--time-limit", type=float, default=10.0, metavar="S", help="solver time limit in seconds")
+
+
+def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--world-size",
+        type=_positive_int,
+        metavar="N",
+        help="data-parallel ranks, one process each; the budget and batch size are per rank (default: the scenario's)",
+    )
+    p.add_argument(
+        "--sharding",
+        choices=("ddp", "fsdp"),
+        help="replicated (DistributedDataParallel) or sharded (FSDP2) parameters (default: the scenario's, else ddp)",
+    )
+    p.add_argument("--timeout", type=float, default=1800.0, metavar="S", help="stop every rank after S seconds")
+
+
+def _share(text: str) -> float:
+    """A share from "10%" or "0.1"."""
+    number = text.strip().removesuffix("%")
+    try:
+        value = float(number) / (100 if text.strip().endswith("%") else 1)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a share such as 10% or 0.1, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -100,8 +173,8 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     import planner
     from planner.report import peak_panel, units_table
 
-    if args.measure and args.device == "meta":
-        raise ValueError("--measure runs the real step, which cannot run on --device meta")
+    if args.measure and args.device in ("meta", "fake"):
+        raise ValueError(f"--measure runs the real step, which cannot run on --device {args.device}")
     if args.export is not None:
         check_suffix(args.export, SUFFIXES)
     if args.plot is not None:
@@ -123,6 +196,113 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace, console: Console) -> int:
+    """Profile the scenario, solve for the budget, print the decisions and write the plan."""
+    import planner
+    from planner.report import plan_panel, plan_table
+
+    for path, suffixes in ((args.out, (".yaml", ".yml", ".json")), (args.plot, (".png",))):
+        if path is not None:
+            check_suffix(path, suffixes)
+    ranks = _parallel(args)
+    if ranks is not None:
+        from planner.distributed import launch, plan_rank
+
+        plan, graph = launch(plan_rank, ranks[0], args.timeout, args=(_rank_job(args, ranks[1]),))[0]
+    else:
+        workload, graph = _profiled(args)
+        plan = planner.plan(graph, args.budget, solver=args.solver, time_limit_s=args.time_limit)
+    console.print(plan_table(plan, graph))
+    console.print(plan_panel(plan))
+    if args.out is not None:
+        console.print(f"wrote the plan to {planner.save_plan(plan, args.out)}")
+    if args.plot is not None:
+        from planner.plot import plot_timeline
+
+        series = [("unplanned", planner.simulate(graph)), ("planned", planner.simulate(graph, plan.choices))]
+        console.print(f"wrote the memory timeline to {plot_timeline(args.plot, series, graph, plan.budget_bytes)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    """Train under a plan (made now for --budget, or read from --plan) and compare with the prediction."""
+    import planner
+    from planner.training import train_and_measure
+
+    if (args.budget is None) == (args.plan is None):
+        raise ValueError("give either --budget (plan now) or --plan FILE (a saved plan)")
+    ranks = _parallel(args)
+    if ranks is not None:
+        from planner.distributed import launch, train_rank
+        from planner.training import rank_table
+
+        reports = launch(train_rank, ranks[0], args.timeout, args=(_rank_job(args, ranks[1]),))
+        console.print(rank_table(reports, *ranks))
+        return 0
+    workload, graph = _profiled(args)
+    if args.plan is not None:
+        plan = planner.load_plan(args.plan)
+    else:
+        plan = planner.plan(graph, args.budget, solver=args.solver, time_limit_s=args.time_limit)
+    report = train_and_measure(workload, plan, args.steps, console)
+    console.print(report)
+    return 0
+
+
+def _parallel(args: argparse.Namespace) -> tuple[int, str] | None:
+    """(world size, sharding) from the command line, else the scenario; None for one process."""
+    from planner.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    world_size = args.world_size or scenario.world_size
+    sharding = args.sharding or scenario.sharding
+    if world_size == 1 and sharding is None:
+        return None
+    if args.device in ("meta", "fake"):
+        raise ValueError(f"--world-size and --sharding run the real step on every rank, not on --device {args.device}")
+    if args.device == "cuda" and _cuda_count() < world_size:
+        raise ValueError(f"--world-size {world_size} on --device cuda needs {world_size} GPUs; {_cuda_count()} here")
+    return world_size, sharding or "ddp"
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _rank_job(args: argparse.Namespace, sharding: str):
+    from planner.distributed import RankJob
+
+    return RankJob(
+        scenario=args.scenario,
+        sharding=sharding,
+        variant=args.variant,
+        device=args.device,
+        batch_size=args.batch_size,
+        budget=args.budget,
+        plan_path=getattr(args, "plan", None),
+        solver=args.solver,
+        time_limit_s=args.time_limit,
+        steps=getattr(args, "steps", 1),
+    )
+
+
+def _profiled(args: argparse.Namespace):
+    import planner
+
+    workload = _build_workload(args)
+    log.info("profiling %s (%s) on %s", args.scenario, args.variant, args.device)
+    graph = planner.profile(
+        workload.model,
+        workload.batch,
+        loss_fn=workload.loss_closure(),
+        optimizer=workload.optimizer,
+        autocast_dtype=workload.autocast_dtype,
+    )
+    return workload, graph
+
+
 def _build_workload(args: argparse.Namespace) -> Workload:
     import torch
 
@@ -140,7 +320,7 @@ def _print_notes(console: Console, graph: ProfiledGraph) -> None:
 
     if not graph.measured_times:
         console.print(
-            "note: profiled on the meta device: nothing was allocated, and times are estimated from FLOPs "
+            "note: profiled without allocating (meta or fake tensors): times are estimated from FLOPs "
             "and bytes moved on a reference GPU",
             style="yellow",
         )
@@ -162,6 +342,56 @@ def _write_outputs(args: argparse.Namespace, console: Console, graph: ProfiledGr
 
         path = plot_timeline(args.plot, [("as profiled", sim)], graph)
         console.print(f"wrote the memory timeline to {path}")
+
+
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    """Profile the scenario without allocating, then fit, plan and time it on each GPU."""
+    from rich.progress import Progress
+
+    from planner.compare import compare
+    from planner.gpus import find_gpus, load_catalog
+    from planner.report import comparison_table, format_bytes
+    from planner.scenario import load_scenario
+
+    for path, suffixes in ((args.export, SUFFIXES), (args.plot, (".png",))):
+        if path is not None:
+            check_suffix(path, suffixes)
+    scenario = load_scenario(args.scenario)
+    catalog = load_catalog(args.catalog)
+    gpus = find_gpus(args.gpus or list(scenario.gpus) or list(catalog), catalog)
+    batch = args.batch or scenario.variant(args.variant).batch_size
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"{scenario.name} ({args.variant}) on {len(gpus)} GPUs", total=len(gpus))
+        results = compare(
+            scenario, gpus, variant=args.variant, batch_size=batch, max_batch=args.max_batch,
+            max_overhead=args.max_overhead, solver=args.solver, tf32=args.tf32,
+            on_gpu=lambda result: progress.advance(task),
+        )  # fmt: skip
+    precision = scenario.precision + (" (TF32)" if args.tf32 and scenario.precision == "float32" else "")
+    title = f"{scenario.name} ({args.variant}), batch {batch}, {precision}, {scenario.optimizer.name}"
+    console.print(comparison_table(results, title, max_batch=args.max_batch))
+    needed = [r.needed_bytes for r in results if r.needed_bytes is not None]
+    if not any(r.fits for r in results):
+        least = f": the smallest peak any plan reaches is {format_bytes(min(needed))}" if needed else ""
+        console.print(f"fits none of these GPUs at batch {batch} within {args.max_overhead:.0%} overhead{least}",
+                      style="bold red")  # fmt: skip
+    console.print(
+        "note: step times are estimated from FLOPs and bytes moved at each GPU's datasheet rates (see "
+        f"planner/gpus.yaml); a plan may add at most {args.max_overhead:.0%} to the step",
+        style="dim",
+    )
+    if args.export is not None:
+        from planner.export import write
+
+        data = {"scenario": scenario.name, "variant": args.variant, "batch_size": batch,
+                "precision": scenario.precision, "tf32": args.tf32, "max_overhead": args.max_overhead,
+                "results": [r.to_dict() for r in results]}  # fmt: skip
+        console.print(f"wrote the comparison to {write(data, args.export)}")
+    if args.plot is not None:
+        from planner.plot import plot_comparison
+
+        console.print(f"wrote the comparison plot to {plot_comparison(args.plot, results, title)}")
+    return 0
 
 
 def cmd_scenarios(args: argparse.Namespace, console: Console) -> int:

@@ -21,12 +21,13 @@ class Category(str, Enum):
     BUFFERS = "buffers"
     INPUTS = "inputs"
     OPTIMIZER = "optimizer state"
+    COMMUNICATION = "communication buffers"  # held by a data-parallel engine between steps
     GRADIENTS = "gradients"
     ACTIVATIONS = "activations"
     TRANSIENTS = "transients"
 
 
-FIXED_CATEGORIES = (Category.PARAMETERS, Category.BUFFERS, Category.INPUTS, Category.OPTIMIZER)
+FIXED_CATEGORIES = (Category.PARAMETERS, Category.BUFFERS, Category.INPUTS, Category.OPTIMIZER, Category.COMMUNICATION)
 
 
 class Phase(str, Enum):
@@ -107,12 +108,17 @@ class Block:
 
 @dataclass(frozen=True)
 class FixedMemory:
-    """Memory alive through the whole steady-state step, in bytes."""
+    """Memory alive through the whole steady-state step, in bytes.
+
+    `communication` is what a data-parallel engine holds between steps apart
+    from the others (DistributedDataParallel's gradient buckets); 0 on one device.
+    """
 
     parameters: int
     buffers: int
     inputs: int
     optimizer: int
+    communication: int = 0
 
     def by_category(self) -> dict[Category, int]:
         return {
@@ -120,11 +126,12 @@ class FixedMemory:
             Category.BUFFERS: self.buffers,
             Category.INPUTS: self.inputs,
             Category.OPTIMIZER: self.optimizer,
+            Category.COMMUNICATION: self.communication,
         }
 
     @property
     def total(self) -> int:
-        return self.parameters + self.buffers + self.inputs + self.optimizer
+        return self.parameters + self.buffers + self.inputs + self.optimizer + self.communication
 
 
 @dataclass(frozen=True)

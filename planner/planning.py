@@ -32,6 +32,9 @@ class InfeasibleBudget(ValueError):
         super().__init__(message)
         self.smallest_bytes = smallest_bytes
 
+    def __reduce__(self):  # it travels between processes (one rank solves for all)
+        return type(self), (str(self), self.smallest_bytes)
+
 
 def parse_budget(budget: int | float | str, unplanned_peak_bytes: int) -> int:
     """Bytes from a size ("6GiB", "6000MB", 123456) or a share of the unplanned peak ("60%")."""

@@ -6,8 +6,9 @@ The step runs once under a dispatch mode that sees every operator and every
 new storage, with module hooks marking the units and saved-tensor hooks
 telling which storages autograd keeps for backward and when backward first
 needs them. The model, its buffers, the optimizer and the random number
-generators are left exactly as they were found. On the meta device nothing
-is allocated and times come from FLOPs and bytes (`planner.costmodel`).
+generators are left exactly as they were found. On the meta device, or with
+fake tensors (a model built under `FakeTensorMode`), nothing is allocated and
+times come from FLOPs and bytes (`planner.costmodel`).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._guards import detect_fake_mode
 from torch.utils.flop_counter import flop_registry
 
 from planner import costmodel
 from planner.graph import Block, Category, FixedMemory, Op, Phase, ProfiledGraph, Unit
 from planner.step import Batch, LossFn, device_of, train_step
-from planner.tracking import StorageTracker, allocated_bytes, storage_bytes, storage_key, tensors_in
+from planner.tracking import StorageTracker, allocated_bytes, storage_bytes, storage_key, storage_of, tensors_in
 from planner.units import UnitSpec, fingerprint, select_units
 
 OUTSIDE = -1  # saver index for code outside every unit
@@ -82,8 +84,9 @@ class _Unit:
 class _Recorder(StorageTracker):
     """Records blocks, ops and units during the profiled step."""
 
-    def __init__(self, device: torch.device, existing: list[torch.Tensor]) -> None:
+    def __init__(self, device: torch.device, existing: list[torch.Tensor], estimated_times: bool) -> None:
         super().__init__(device, existing)
+        self.estimated_times = estimated_times  # times from FLOPs and bytes, not the clock
         self.phase = Phase.FORWARD
         self.phase_ticks: dict[Phase, list[int]] = {}
         self.current: int | None = None  # the unit running now (forward, or backward by saved tensors)
@@ -124,11 +127,11 @@ class _Recorder(StorageTracker):
         moved = _bytes_moved(args, kwargs, out)
         self.op_name = str(func.overloadpacket)
         ms = self.op_ms
-        if self.device.type == "meta":
+        if self.estimated_times:
             ms = costmodel.REFERENCE.op_ms(flops, moved)
         unit = self.units[self.current] if self.current is not None else None
         if self.phase is Phase.FORWARD:
-            written = {storage_key(t) for t in tensors_in(out)} & inputs
+            written = set() if func.is_view else {storage_key(t) for t in tensors_in(out)} & inputs  # a view writes nothing
             self._trace_forward(inputs, new, written)
             if unit is not None:
                 unit.fwd_ms += ms
@@ -315,9 +318,11 @@ def profile(
     device = device_of(model, batch)
     groups = fixed_groups(model, batch, optimizer)
     grads: list[_Block] = []
+    existing = [t for ts in groups.values() for t in ts]
+    fake_mode = detect_fake_mode(existing)  # the FakeTensorMode the model was built under; None for real tensors
 
-    with preserved(model, optimizer):
-        rec = _Recorder(device, [t for ts in groups.values() for t in ts])
+    with fake_mode or contextlib.nullcontext(), preserved(model, optimizer):
+        rec = _Recorder(device, existing, estimated_times=device.type == "meta" or fake_mode is not None)
 
         def on_phase(phase: Phase) -> None:
             if phase is Phase.OPTIMIZER:  # the gradients are all there now
@@ -364,6 +369,9 @@ def _graph(
             category = Category.TRANSIENTS
         blocks.append(Block(b.bytes, category, b.phase, b.alloc, b.free, b.owner, frozenset(b.savers), b.last_use, b.op, b.mutated, b.unit_output))
     first_step_bytes = sum(b.bytes for b in opt_state)
+    meta = {"other_ms": rec.other_ms, "other_flops": rec.other_flops, "other_bytes": rec.other_bytes}
+    if device.type == "cuda" and not rec.estimated_times:  # `costmodel.retime` keeps times measured on the same GPU
+        meta["device_name"] = torch.cuda.get_device_name(device)
     fixed = FixedMemory(
         parameters=fixed_sizes[Category.PARAMETERS],
         buffers=fixed_sizes[Category.BUFFERS],
@@ -380,9 +388,9 @@ def _graph(
         blocks=tuple(blocks),
         phases=phases,
         step_ms=rec.other_ms + sum(u.fwd_ms + u.bwd_ms for u in rec.units),
-        measured_times=device.type != "meta",
+        measured_times=not rec.estimated_times,
         first_step_extra_bytes=first_step_bytes,
-        meta={"other_ms": rec.other_ms, "other_flops": rec.other_flops, "other_bytes": rec.other_bytes},
+        meta=meta,
     )
 
 
@@ -437,7 +445,7 @@ def fixed_bytes(groups: dict[Category, list[torch.Tensor]], device: torch.device
             key = storage_key(t)
             if key not in seen:
                 seen.add(key)
-                sizes[category] += allocated_bytes(t.untyped_storage().nbytes(), device)
+                sizes[category] += allocated_bytes(storage_of(t).nbytes(), device)
     return sizes
 
 

@@ -23,6 +23,8 @@ from planner.simulator import Simulation
 
 if TYPE_CHECKING:  # measurement imports torch; a report needs only its fields
     from planner.measurement import Measurement
+    from planner.compare import GpuResult
+    from solvers.plan import Plan
 
 _BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 _FACTORS = {
@@ -182,3 +184,78 @@ def _bar(share: float, width: int = 20) -> str:
     eighths = round(max(0.0, min(1.0, share)) * width * 8)
     full, rest = divmod(eighths, 8)
     return "█" * full + ("" if rest == 0 else " ▏▎▍▌▋▊▉"[rest])
+
+
+def plan_table(plan: Plan, graph: ProfiledGraph) -> Table:
+    """What the plan does with each unit, and what that costs and saves."""
+    table = Table(title=f"{plan.model}: plan by {plan.solver} ({plan.status.value})", box=box.SIMPLE_HEAD)
+    for column in ("unit", "kind", "action", "region", "saved", "fwd ms"):
+        table.add_column(column, justify="left" if column in ("unit", "kind", "action") else "right")
+    styles = {"keep": "dim", "recompute": "yellow", "offload": "cyan"}
+    for (key, action, region, save_ops), unit in zip(plan.decisions(), graph.units):
+        label = action.value + (" (keeps " + ", ".join(sorted(o.split(".")[-1] for o in save_ops)) + ")" if save_ops else "")
+        table.add_row(
+            key,
+            unit.kind,
+            Text(label, style=styles[action.value]),
+            "" if region is None else str(region),
+            format_bytes(unit.saved_bytes),
+            f"{unit.fwd_ms:.2f}",
+        )
+    return table
+
+
+def plan_panel(plan: Plan) -> Panel:
+    """Predicted peak and overhead of the plan against the unplanned step and the budget."""
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column(style="dim")
+    table.add_row("budget", format_bytes(plan.budget_bytes), "")
+    table.add_row("unplanned peak", format_bytes(plan.unplanned_peak_bytes), "")
+    share = plan.predicted_peak_bytes / plan.unplanned_peak_bytes if plan.unplanned_peak_bytes else 0.0
+    table.add_row("planned peak", format_bytes(plan.predicted_peak_bytes), f"{share:.0%} of unplanned")
+    table.add_row("overhead", f"{plan.predicted_overhead_ms:.2f} ms", f"+{plan.overhead_pct:.1f}% of {plan.step_ms:.1f} ms")
+    gap = "" if plan.gap == 0 else f", gap {plan.gap:.2%}"
+    table.add_row("solved in", f"{plan.solve_s:.2f} s", f"{plan.solver}{gap}")
+    return Panel(table, title="predicted step under the plan", expand=False)
+
+
+def comparison_table(results: list[GpuResult], title: str = "", max_batch: bool = False) -> Table:
+    """One row per GPU: usable memory, whether the step fits unplanned and with a plan, the peak it
+    runs at (in red: the least memory any plan needs), the plan's overhead, step time (ms) and
+    throughput (samples/s), and with `max_batch` the largest batch size that fits."""
+    table = Table(title=title or None, box=box.SIMPLE_HEAD, header_style="bold", title_justify="left",
+                  collapse_padding=True, pad_edge=False)  # fmt: skip
+    table.add_column("GPU", no_wrap=True)
+    headers = ["usable", "fits", "with\nplan", "peak", "over-\nhead", "step\nms", "samples\n/s"]
+    for header in headers + (["max\nbatch"] if max_batch else []):
+        table.add_column(header, justify="right", no_wrap=True)
+    for r in results:
+        row = [
+            r.gpu,
+            format_bytes(r.usable_bytes),
+            _yes_no(r.fits_unplanned),
+            _yes_no(r.fits) if not r.fits_unplanned else Text("-", style="dim"),
+            _peak_cell(r),
+            "-" if r.overhead is None or r.fits_unplanned else f"{r.overhead:+.1%}",
+            "-" if r.step_ms is None else f"{r.step_ms:,.1f}",
+            Text("-", style="dim") if r.samples_per_s is None else Text(f"{r.samples_per_s:,.1f}", style="bold"),
+        ]
+        if max_batch:
+            row.append("-" if r.max_batch is None else str(r.max_batch))
+        table.add_row(*row)
+    return table
+
+
+def _yes_no(value: bool) -> Text:
+    return Text("yes", style="green") if value else Text("no", style="red")
+
+
+def _peak_cell(r: GpuResult) -> Text:
+    """The peak the step runs at (yellow: over the overhead limit); when nothing fits, the least a plan needs (red)."""
+    if r.peak_bytes is not None:
+        return Text(format_bytes(r.peak_bytes), style="" if r.fits else "yellow")
+    if r.needed_bytes is not None:
+        return Text(format_bytes(r.needed_bytes), style="red")
+    return Text("-", style="dim")

@@ -16,6 +16,8 @@ A scenario file looks like this (only ``model`` and ``inputs`` are required)::
     optimizer: {name: adamw, lr: 1.0e-3}   # sgd | adam | adamw, plus keyword arguments of the torch optimizer
     budget: "60%"                     # optional: a share of the GPU ("60%") or a size ("12GiB", bytes as an integer)
     gpus: [a100-40gb, rtx4090]        # optional: GPU catalog names to compare
+    world_size: 2                     # optional: data-parallel ranks (default 1); batch_size is per rank
+    sharding: fsdp                    # optional: ddp (replicated, the default) or fsdp (FSDP2, sharded)
     full:                             # optional full-size variant
       args: {depth: 50, width: 64, num_classes: 1000}
       batch_size: 256
@@ -52,14 +54,16 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import scenarios
+from planner.distributed import SHARDINGS
 from planner.workload import Workload
 from scenarios.zoo import ZOO
 
 _TOP_FIELDS = (
     "name", "model", "args", "batch_size", "inputs", "kwargs", "target", "loss",
-    "precision", "optimizer", "budget", "gpus", "full",
+    "precision", "optimizer", "budget", "gpus", "world_size", "sharding", "full",
 )  # fmt: skip
 _VARIANT_FIELDS = ("args", "batch_size", "inputs", "kwargs", "target")
 _TENSOR_FIELDS = ("shape", "dtype", "low", "high", "fill")
@@ -76,6 +80,7 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 _BUDGET = re.compile(r"^\d+(\.\d+)?\s*(%|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$")
 BATCH = "B"
+FAKE = "fake"  # a device name for Scenario.build: CPU tensors under a FakeTensorMode
 
 
 __all__ = [
@@ -184,6 +189,8 @@ class Scenario:
     gpus: tuple[str, ...]
     factory: Callable[..., nn.Module] = field(repr=False, compare=False)
     loss_fn: Callable[[Any, Any], Tensor] = field(repr=False, compare=False)
+    world_size: int = 1
+    sharding: str | None = None  # ddp or fsdp; None: ddp when world_size > 1
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -228,8 +235,13 @@ class Scenario:
     ) -> Workload:
         """Model, example inputs and target (deterministic from ``seed``), loss and optimizer of ``variant``.
 
-        ``batch_size`` overrides the variant's. On the meta device the tensors are empty.
+        ``batch_size`` overrides the variant's. On the meta device the tensors are empty. ``"fake"``
+        builds for the CPU under a ``FakeTensorMode``: the tensors have shapes, dtypes and storages but
+        no memory, and profiling them runs the CPU's autocast and kernel choices without allocating.
         """
+        if device == FAKE:
+            with FakeTensorMode():
+                return self.build(variant, "cpu", seed, batch_size)
         spec, device = self.variant(variant), torch.device(device)
         if batch_size is not None and not _is_positive_int(batch_size):
             raise ScenarioError(f"{self.path.name}: batch_size must be a positive integer, got {batch_size!r}")
@@ -307,6 +319,8 @@ def parse_scenario(data: Any, path: Path) -> Scenario:
         gpus=_parse_gpus(where, data.get("gpus", [])),
         factory=factory,
         loss_fn=loss_fn,
+        world_size=_parse_world_size(where, data.get("world_size", 1)),
+        sharding=_parse_sharding(where, data.get("sharding")),
     )
 
 
@@ -508,6 +522,16 @@ def _parse_budget(where: str, value: Any) -> str | int | None:
     if not isinstance(value, str) or not _BUDGET.match(value.strip()):
         _fail(where, "budget", "a share such as '60%', a size such as '12GiB', or bytes as an integer", value)
     return value.strip()
+
+
+def _parse_sharding(where: str, value: Any) -> str | None:
+    return None if value is None else _parse_choice(where, "sharding", value, SHARDINGS)
+
+
+def _parse_world_size(where: str, value: Any) -> int:
+    if not _is_positive_int(value):
+        _fail(where, "world_size", "a positive integer (the number of data-parallel ranks)", value)
+    return value
 
 
 def _parse_gpus(where: str, value: Any) -> tuple[str, ...]:

@@ -77,12 +77,14 @@ def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline) -> 
     """(sort key, bytes delta, category) for every allocation and free under the choices.
 
     Keys order the original event at a tick first, then deaths at that tick,
-    then any replay starting there.
+    then any replay starting there. A block that several chosen regions hold is
+    charged once per region: a bound that errs high by the duplicates, and
+    keeps every choice's effect additive.
     """
     semantics = Semantics(graph, roofline)
     death: dict[int, int] = {}
-    held: dict[int, tuple] = {}  # block -> sort key of its delayed free
     replays = []
+    holds = []
     extra_ms = 0.0
     for n, choice in enumerate(choices):
         effect = semantics.effect(choice)
@@ -90,8 +92,9 @@ def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline) -> 
             continue
         extra_ms += effect.extra_ms
         death |= {r.block: r.death for r in effect.releases}
-        for r in effect.held:  # freed after the replay; the latest hold wins
-            held[r.block] = max(held.get(r.block, (r.death, 0)), (r.back, 3, n))
+        for r in effect.held:  # alive again right after its free, until the region's backward is over
+            bytes_, category = graph.blocks[r.block].bytes, graph.blocks[r.block].category
+            holds += [((r.death, 0, 1), bytes_, category), ((r.back, 3, n), -bytes_, category)]
         replays += [((effect.replay_tick, 2, n, k), delta, i) for k, (i, delta) in enumerate(effect.replay)]
     events = []
     for i, b in enumerate(graph.blocks):
@@ -99,6 +102,6 @@ def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline) -> 
         if i in death:
             events.append(((death[i], 1), -b.bytes, b.category))
         if b.free is not None:
-            events.append((held.get(i, (b.free, 0)), -b.bytes, b.category))
+            events.append(((b.free, 0), -b.bytes, b.category))
     events += [(key, delta, graph.blocks[i].category) for key, delta, i in replays]
-    return events, extra_ms
+    return events + holds, extra_ms

@@ -5,6 +5,15 @@ bytes, and released when its storage dies (a weak reference tells). Views,
 aliases and in-place results share a storage and are never counted twice.
 Storages that existed before the mode started (parameters, optimizer state,
 the batch) are not counted; callers account for them separately.
+
+Two kinds of memory need more than watching operator outputs. A tensor
+subclass that wraps others (a DTensor around its local shard) holds the
+memory of its inner tensor, so it is keyed and sized by that. And an engine
+may grow or shrink a storage in place (FSDP2 resizes the storage of an
+unsharded parameter to its full size to gather it and to 0 to free it):
+while the mode is active, `UntypedStorage.resize_` is watched, a storage
+resized to a positive size counts from then on at that size and one resized
+to 0 is freed.
 """
 
 from __future__ import annotations
@@ -16,10 +25,12 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to this
+# Queries of a tensor's metadata that reach the dispatcher for fake tensors: no kernel, no memory.
+METADATA_OPS = frozenset({torch.ops.prim.device.default})
 
 
 def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
@@ -37,16 +48,24 @@ def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
             yield from tensors_in(getattr(obj, f.name))
 
 
+def storage_of(t: torch.Tensor) -> torch.UntypedStorage:
+    """The storage that holds a tensor's memory; for a wrapper subclass (DTensor), its inner tensor's."""
+    while is_traceable_wrapper_subclass(t):
+        inner, _ = t.__tensor_flatten__()
+        t = getattr(t, inner[0])
+    return t.untyped_storage()
+
+
 def storage_key(t: torch.Tensor) -> int:
     """Identity of the storage behind a tensor (shared by its views)."""
-    return id(t.untyped_storage())
+    return id(storage_of(t))
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind some tensors."""
     seen: dict[int, int] = {}
     for t in tensors:
-        st = t.untyped_storage()
+        st = storage_of(t)
         seen[id(st)] = st.nbytes()
     return sum(seen.values())
 
@@ -79,6 +98,8 @@ class StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in METADATA_OPS:
+            return func(*args, **kwargs)
         start = time.perf_counter()
         out = func(*args, **kwargs)
         self.op_ms = (time.perf_counter() - start) * 1e3
@@ -89,10 +110,37 @@ class StorageTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type == self.device.type:
                 key = storage_key(t)
                 if key not in self.live and key not in inputs and key not in self.ignored:
-                    self._alloc(t.untyped_storage())
+                    self._alloc(storage_of(t))
                     new.append(key)
         self.on_op(func, args, kwargs, out, inputs, new)
         return out
+
+    def __enter__(self):
+        self._resize = torch.UntypedStorage.__dict__.get("resize_")
+        watched = self._resize or torch.UntypedStorage.resize_
+
+        def resize_(storage: torch.UntypedStorage, size: int):
+            out = watched(storage, size)
+            self._resized(storage)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self._resize is None:
+            del torch.UntypedStorage.resize_
+        else:
+            torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if storage.device.type != self.device.type or key in self.ignored:
+            return
+        self._free(key)
+        if storage.nbytes() > 0:
+            self._alloc(storage)
 
     def _alloc(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)

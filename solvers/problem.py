@@ -118,15 +118,15 @@ def build_problem(
         effect = semantics.effect(choice)
         if effect is None:
             continue
-        freed: dict[int, int] = defaultdict(int)
+        freed: dict[tuple[int, int], int] = defaultdict(int)  # (death, back) -> bytes
         for r in effect.releases:
-            freed[r.death] += graph.blocks[r.block].bytes
-        for r in effect.held:  # alive longer: negative freed bytes
-            freed[r.death] -= graph.blocks[r.block].bytes
+            freed[r.death, r.back] += graph.blocks[r.block].bytes
+        for r in effect.held:  # alive longer, from the tick of its own free on: negative freed bytes
+            freed[r.death - 1, r.back] -= graph.blocks[r.block].bytes
         options.append(
             Option(
                 choice=choice,
-                freed=tuple(Freed(b, d, effect.replay_tick) for d, b in sorted(freed.items())),
+                freed=tuple(Freed(b, d, back) for (d, back), b in sorted(freed.items()) if b),
                 back=effect.replay_tick,
                 base_bytes=totals[bisect.bisect_right(ticks, effect.replay_tick) - 1],
                 replay_peak_bytes=replay_peak(effect),

@@ -1,0 +1,86 @@
+"""Train under a plan and set what was measured beside what was predicted."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from planner.executor import apply
+from planner.measurement import Measurement, measure
+from planner.report import format_bytes
+from planner.step import train_step
+from planner.workload import Workload
+from solvers.plan import Plan
+
+
+def train_and_measure(workload: Workload, plan: Plan, steps: int, console: Console | None = None) -> Table:
+    """Measure the unplanned step, then train `steps` steps under the plan; a table of both."""
+    w = workload
+    step_args = {"loss_fn": w.loss_closure(), "optimizer": w.optimizer, "autocast_dtype": w.autocast_dtype}
+    unplanned = measure(w.model, w.batch, steps=steps, **step_args)
+    with apply(w.model, plan):
+        times = []
+        for _ in track(range(steps), description="training under the plan", console=console, transient=True):
+            times.append(_timed_step(w, step_args))
+        planned = measure(w.model, w.batch, steps=1, warmup=0, **step_args)
+    return comparison_table(plan, unplanned, planned, statistics.median(times))
+
+
+def _timed_step(w: Workload, step_args: dict) -> float:
+    if w.device.type == "cuda":
+        torch.cuda.synchronize(w.device)
+    start = time.perf_counter()
+    train_step(w.model, w.batch, **step_args)
+    if w.device.type == "cuda":
+        torch.cuda.synchronize(w.device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def comparison_table(plan: Plan, unplanned: Measurement, planned: Measurement, planned_ms: float) -> Table:
+    table = Table(title=f"{plan.model} under the plan ({plan.solver}), budget {format_bytes(plan.budget_bytes)}")
+    for column in ("", "peak", "step time", "overhead"):
+        table.add_column(column, justify="left" if not column else "right")
+    predicted_ms = plan.step_ms + plan.predicted_overhead_ms
+    table.add_row("predicted, unplanned", format_bytes(plan.unplanned_peak_bytes), f"{plan.step_ms:.1f} ms", "")
+    table.add_row(
+        "predicted, planned", format_bytes(plan.predicted_peak_bytes), f"{predicted_ms:.1f} ms", f"+{plan.overhead_pct:.1f}%"
+    )
+    table.add_row("measured, unplanned", _peak(unplanned), f"{unplanned.step_ms:.1f} ms", "")
+    overhead = 100.0 * (planned_ms / unplanned.step_ms - 1.0)
+    held = "[green]under budget[/]" if planned.peak_bytes <= plan.budget_bytes else "[red]over budget[/]"
+    table.add_row("measured, planned", f"{_peak(planned)} {held}", f"{planned_ms:.1f} ms", f"{overhead:+.1f}%")
+    return table
+
+
+def _peak(m: Measurement) -> str:
+    text = format_bytes(m.peak_bytes)
+    return text if m.reserved_bytes is None else f"{text} (reserved {format_bytes(m.reserved_bytes)})"
+
+
+def rank_table(reports: list, world_size: int, sharding: str) -> Table:
+    """Each rank's predicted and measured peak under the plan (`planner.distributed.RankReport`s)."""
+    plan = reports[0].plan
+    table = Table(
+        title=f"{plan.model} on {world_size} ranks ({sharding}) under the plan ({plan.solver}), "
+        f"budget {format_bytes(plan.budget_bytes)} per rank"
+    )
+    for column in ("rank", "unplanned: predicted", "measured", "planned: predicted", "measured", "error", "step time"):
+        table.add_column(column, justify="right")
+    for r in reports:
+        error = 100.0 * (r.measured_bytes / r.predicted_bytes - 1.0)
+        held = "[green]under budget[/]" if r.measured_bytes <= r.budget_bytes else "[red]over budget[/]"
+        table.add_row(
+            str(r.rank),
+            format_bytes(r.unplanned_predicted_bytes),
+            format_bytes(r.unplanned_measured_bytes),
+            format_bytes(r.predicted_bytes),
+            f"{format_bytes(r.measured_bytes)} {held}",
+            f"{error:+.2f}%",
+            f"{r.step_ms:.1f} ms ({100.0 * (r.step_ms / r.unplanned_step_ms - 1.0):+.0f}%)",
+        )
+    return table

@@ -1,0 +1,219 @@
+"""Plans applied to real models: same numerics, the budget holds, and the model comes back unchanged."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+import planner
+from planner.executor import PlanMismatch
+from planner.planning import InfeasibleBudget, parse_budget
+from planner.scenario import list_scenarios, load_scenario
+from planner.simulator import simulate
+from planner.step import Batch, train_step
+from solvers import build_problem
+from solvers.ilp import min_peak
+
+ZOO = [name for name in list_scenarios() if name != "gpt7b"]
+
+
+def profiled(name: str, **build):
+    w = load_scenario(name).build(**build)
+    graph = planner.profile(
+        w.model, w.batch, loss_fn=w.loss_closure(), optimizer=w.optimizer, autocast_dtype=w.autocast_dtype
+    )
+    return w, graph
+
+
+def smallest_budget(graph) -> int:
+    return min_peak(build_problem(graph, 0), 10.0)[0]
+
+
+def plan_or_smallest(graph, budget: str):
+    """The plan at `budget`, or, when no plan fits it, the plan at the smallest feasible budget + 10%."""
+    try:
+        return planner.plan(graph, budget)
+    except InfeasibleBudget as err:
+        assert err.smallest_bytes > parse_budget(budget, simulate(graph).peak_bytes)
+        return planner.plan(graph, int(err.smallest_bytes * 1.1))
+
+
+def train(w, steps: int, plan=None, seed: int = 0):
+    """Losses, per-step gradients and the final state of `steps` real steps, under a plan or not."""
+    torch.manual_seed(seed)
+    handle = planner.apply(w.model, plan) if plan is not None else None
+    losses, grads = [], []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=w.autocast_dtype, enabled=w.autocast_dtype is not None):
+            loss = w.loss_fn(w.model(*w.inputs, **w.kwargs), w.target)
+        loss.backward()
+        grads.append([p.grad.clone() for p in w.model.parameters()])
+        w.optimizer.step()
+        w.optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    if handle is not None:
+        handle.remove()
+    return losses, grads, {k: v.clone() for k, v in w.model.state_dict().items()}
+
+
+def assert_identical(a, b):
+    losses_a, grads_a, state_a = a
+    losses_b, grads_b, state_b = b
+    assert all(torch.equal(x, y) for x, y in zip(losses_a, losses_b))
+    for step_a, step_b in zip(grads_a, grads_b):
+        assert all(torch.equal(x, y) for x, y in zip(step_a, step_b))
+    assert state_a.keys() == state_b.keys()
+    for k in state_a:  # batch-norm running statistics and num_batches_tracked included
+        assert torch.equal(state_a[k], state_b[k]), k
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_planned_steps_are_bit_identical(name):
+    w, graph = profiled(name)
+    plan = planner.plan(graph, smallest_budget(graph))  # the plan that changes the most
+    assert plan.choices
+    reference = train(load_scenario(name).build(), 3)
+    assert_identical(reference, train(w, 3, plan))
+
+
+@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("budget", ["80%", "50%", "smallest+10%"])
+def test_measured_peak_holds_the_budget(name, budget):
+    w, graph = profiled(name)
+    if budget == "smallest+10%":
+        plan = planner.plan(graph, int(smallest_budget(graph) * 1.1))
+    else:
+        plan = plan_or_smallest(graph, budget)
+    with planner.apply(w.model, plan):
+        measured = planner.measure(
+            w.model, w.batch, loss_fn=w.loss_closure(), optimizer=w.optimizer, autocast_dtype=w.autocast_dtype, steps=1
+        ).peak_bytes
+    assert measured <= plan.budget_bytes
+    assert abs(measured - plan.predicted_peak_bytes) <= 0.05 * measured
+
+
+def test_infeasible_budget_names_the_smallest_that_works():
+    _, graph = profiled("resnet")
+    smallest = smallest_budget(graph)
+    with pytest.raises(InfeasibleBudget, match=f"at least {smallest} bytes") as err:
+        planner.plan(graph, smallest - 1)
+    assert err.value.smallest_bytes == smallest
+    assert planner.plan(graph, smallest).predicted_peak_bytes <= smallest
+
+
+@pytest.mark.parametrize("bad", ["0", "-5GiB", "lots", "0%", "-10%", "abc%", ""])
+def test_malformed_budgets_are_refused(bad):
+    _, graph = profiled("gpt")
+    with pytest.raises(ValueError):
+        planner.plan(graph, bad)
+
+
+def test_remove_restores_the_model_exactly():
+    w, graph = profiled("resnet")
+    keys = list(w.model.state_dict())
+    modules = [name for name, _ in w.model.named_modules()]
+    handle = planner.apply(w.model, plan_or_smallest(graph, "50%"))
+    assert any("forward" in m.__dict__ for m in w.model.modules())
+    handle.remove()
+    assert not any("forward" in m.__dict__ for m in w.model.modules())
+    assert list(w.model.state_dict()) == keys
+    assert [name for name, _ in w.model.named_modules()] == modules
+
+
+def test_plan_for_another_model_is_refused():
+    _, gpt_graph = profiled("gpt")
+    w, _ = profiled("resnet")
+    with pytest.raises(PlanMismatch, match="made for a GPT"):
+        planner.apply(w.model, plan_or_smallest(gpt_graph, "50%"))
+
+
+def test_plan_naming_unit_calls_that_do_not_run_is_refused():
+    w, graph = profiled("lstm_cell")
+    plan = plan_or_smallest(graph, "40%")
+    shorter = w.inputs[0][:, : w.inputs[0].shape[1] // 2]
+    with planner.apply(w.model, plan), pytest.raises(PlanMismatch, match="did not run"):
+        w.model(shorter).sum().backward()
+
+
+def test_evaluation_without_grad_in_between_training_steps():
+    w, graph = profiled("resnet")
+    plan = plan_or_smallest(graph, "50%")
+    reference = load_scenario("resnet").build()
+
+    def run(workload, plan=None):
+        torch.manual_seed(0)
+        handle = planner.apply(workload.model, plan) if plan is not None else None
+        results = []
+        for _ in range(2):
+            workload.step()
+            workload.model.eval()
+            with torch.no_grad():
+                results.append(workload.model(*workload.inputs))
+            workload.model.train()
+        results.append(train(workload, 1)[1][0])
+        if handle is not None:
+            handle.remove()
+        return results
+
+    planned, unplanned = run(w, plan), run(reference)
+    assert torch.equal(planned[0], unplanned[0]) and torch.equal(planned[1], unplanned[1])
+    assert all(torch.equal(a, b) for a, b in zip(planned[2], unplanned[2]))
+
+
+def test_automatic_mixed_precision():
+    w, graph = profiled("gpt7b")  # its small variant trains under bfloat16 autocast
+    assert w.autocast_dtype == torch.bfloat16
+    plan = plan_or_smallest(graph, "50%")
+    assert_identical(train(load_scenario("gpt7b").build(), 2), train(w, 2, plan))
+
+
+class Keywords(nn.Module):
+    """A block called twice with keyword and non-tensor arguments, returning a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.block = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x, *, scale: float = 1.0, mask=None):
+        h = self.inp(x)
+        for _ in range(2):
+            h = self.block(h, src_key_padding_mask=mask, is_causal=False)
+        return {"logits": self.out(h * scale)}
+
+
+def test_keyword_and_non_tensor_arguments_and_a_module_called_twice():
+    torch.manual_seed(0)
+    model, twin = Keywords(), Keywords()
+    twin.load_state_dict(model.state_dict())
+    batch = Batch((torch.randn(8, 5, 16),), {"scale": 0.5, "mask": torch.zeros(8, 5, dtype=torch.bool)})
+
+    def loss_fn(out):
+        return out["logits"].pow(2).mean()
+
+    graph = planner.profile(model, batch, loss_fn=loss_fn)
+    plan = plan_or_smallest(graph, "60%")
+    assert any(len(c.units) for c in plan.choices)
+
+    def grads(m, plan=None):
+        torch.manual_seed(3)
+        with planner.apply(m, plan) if plan is not None else contextlib.nullcontext():
+            train_step(m, batch, loss_fn, None)
+            m(*batch.args, **batch.kwargs)["logits"].sum().backward()
+        return [p.grad for p in m.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(grads(twin), grads(model, plan)))
+
+
+def test_plan_file_round_trip(tmp_path):
+    _, graph = profiled("unet")
+    plan = plan_or_smallest(graph, "50%")
+    path = planner.save_plan(plan, tmp_path / "plan.yaml")
+    assert planner.load_plan(path) == plan
+    path.write_text(path.read_text().replace("status:", "stat:"))
+    with pytest.raises(ValueError, match="missing field 'status'"):
+        planner.load_plan(path)
