@@ -12,7 +12,8 @@ transient in forward and a larger one in backward. The options are those
 `build_problem` offers: offload each unit (back one unit ahead of its
 backward, copy time hidden behind the next unit's compute where it can be),
 and recompute runs of up to 16 units along segment links, in full and keeping
-expensive outputs. With `skips`, one link in every 3 to 6 is a skip (a
+expensive outputs; a region holds its input (made by the unit before it) a
+little longer, until its backward is over (negative freed bytes). With `skips`, one link in every 3 to 6 is a skip (a
 residual join): no region spans it, and a group of the unit before it stays
 alive until a later unit reads it, so its death lies past its region.
 """
@@ -91,12 +92,15 @@ def _options_at(u: int, units: list[dict], fwd_end: np.ndarray, bwd_start: np.nd
         ms = sum(units[i]["ms"] for i in region)
         allocated = sum(sum(units[i]["own"]) + units[i]["expensive"] + units[i]["shared"] for i in region)
         full = _released(u, end, units, fwd_end, offload=False, save=False)
-        options.append(_option(Action.RECOMPUTE, region, full, int(bwd_start[end]), allocated, ms, frozenset()))
+        held = _held(u, end, units, bwd_start)
+        options.append(_option(Action.RECOMPUTE, region, full, int(bwd_start[end]), allocated, ms, frozenset(), held))
         kept = sum(units[i]["expensive"] for i in region)
         if kept:
             saved = _released(u, end, units, fwd_end, offload=False, save=True)
             ms_saved = ms - sum(units[i]["expensive_ms"] for i in region)
-            options.append(_option(Action.RECOMPUTE, region, saved, int(bwd_start[end]), allocated - kept, ms_saved, SAVE_OPS))
+            options.append(
+                _option(Action.RECOMPUTE, region, saved, int(bwd_start[end]), allocated - kept, ms_saved, SAVE_OPS, held)
+            )
         if end + 1 - u >= MAX_SEGMENT_UNITS or end + 1 >= n or units[end]["skip_after"]:
             return [o for o in options if o.freed]
         end += 1
@@ -121,8 +125,17 @@ def _released(first: int, last: int, units: list[dict], fwd_end: np.ndarray, off
     return freed
 
 
-def _option(action, units, freed, back, allocated, cost, save_ops) -> Option:
-    entries = tuple(Freed(b, d, back) for d, b in sorted(freed.items()) if d < back)
+def _held(first: int, last: int, units: list[dict], bwd_start: np.ndarray) -> tuple[Freed, ...]:
+    """The region's input, made by the unit before it, stays until the region's backward is over
+    instead of leaving when the backward of the region's first unit starts."""
+    if first == 0:
+        return ()
+    nbytes = max(units[first - 1]["own"])
+    return (Freed(-nbytes, int(bwd_start[first]), int(bwd_start[first]) + W - 1),)
+
+
+def _option(action, units, freed, back, allocated, cost, save_ops, held=()) -> Option:
+    entries = tuple(Freed(b, d, back) for d, b in sorted(freed.items()) if d < back) + tuple(held)
     return Option(Choice(action, units, save_ops), entries, back, 0, allocated, cost)
 
 

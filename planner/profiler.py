@@ -131,7 +131,8 @@ class _Recorder(StorageTracker):
             ms = costmodel.REFERENCE.op_ms(flops, moved)
         unit = self.units[self.current] if self.current is not None else None
         if self.phase is Phase.FORWARD:
-            written = set() if func.is_view else {storage_key(t) for t in tensors_in(out)} & inputs  # a view writes nothing
+            # an operator's outputs that share an input's storage wrote into it, unless it is a view
+            written = set() if func.is_view else {storage_key(t) for t in tensors_in(out)} & inputs
             self._trace_forward(inputs, new, written)
             if unit is not None:
                 unit.fwd_ms += ms

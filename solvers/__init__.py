@@ -1,0 +1,44 @@
+"""Solvers: pure optimisation over a `Problem`, one per module, one signature, one registry.
+
+    from solvers import build_problem, get_solver, auto_solver
+    problem = build_problem(graph, budget_bytes)
+    solution = get_solver(auto_solver(problem))(problem, 10.0)
+    problem.peak_bytes(solution.chosen) <= problem.budget_bytes   # whenever solution.status fits
+
+Exact: "ilp" (CP-SAT, any graph), "dp" (chains). Heuristic: "greedy".
+Baselines a user would otherwise pick: "none", "all" (checkpoint every unit),
+"sqrt" (sqrt(n) segments); they return their plan even when it does not fit.
+"""
+
+from __future__ import annotations
+
+from solvers import all as all_units
+from solvers import dp, greedy, ilp, none, sqrt
+from solvers.base import Solution, Solver, Status
+from solvers.problem import Problem, build_problem
+
+SOLVERS: dict[str, Solver] = {
+    "ilp": ilp.solve,
+    "dp": dp.solve,
+    "greedy": greedy.solve,
+    "none": none.solve,
+    "all": all_units.solve,
+    "sqrt": sqrt.solve,
+}
+
+DP_MIN_UNITS = 60  # longer chains go to the dynamic programme, shorter ones to the ILP
+
+
+def get_solver(name: str) -> Solver:
+    """The solver registered as `name`; a ValueError listing the valid names otherwise."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose one of: {', '.join(SOLVERS)}")
+    return SOLVERS[name]
+
+
+def auto_solver(problem: Problem) -> str:
+    """The exact solver that fits the graph: "dp" for chains longer than DP_MIN_UNITS units, else "ilp"."""
+    return "dp" if problem.chain and problem.n_units > DP_MIN_UNITS else "ilp"
+
+
+__all__ = ["SOLVERS", "Problem", "Solution", "Solver", "Status", "auto_solver", "build_problem", "get_solver"]

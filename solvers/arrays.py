@@ -12,12 +12,16 @@ Rows are sorted by tick. Each freed entry covers a contiguous run of rows,
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 
 from solvers.problem import Problem
+
+FIELDS = ("bytes", "death", "back")
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class Arrays:
     row_first: np.ndarray  # [R] tick, sorted
     row_last: np.ndarray  # [R] tick
     row_peak: np.ndarray  # [R] bytes, unplanned
-    entry_option: np.ndarray  # [E] option index, sorted; entries with bytes > 0 and death < back only
+    entry_option: np.ndarray  # [E] option index, sorted; entries with bytes != 0 and death < back only
     entry_bytes: np.ndarray  # [E]
     entry_death: np.ndarray  # [E] tick
     entry_back: np.ndarray  # [E] tick
@@ -33,6 +37,7 @@ class Arrays:
     entry_row_hi: np.ndarray  # [E] last row covered
     option_start: np.ndarray  # [O + 1] entries of option o are entry_start[o]:entry_start[o + 1]
     option_total: np.ndarray  # [O] bytes of all its entries
+    option_freeing: np.ndarray  # [O] bytes of its freeing entries (held ones, negative, left out)
     option_back: np.ndarray  # [O] tick of the replay
     option_replay_need: np.ndarray  # [O] base_bytes + replay_peak_bytes
     option_cost_ms: np.ndarray  # [O]
@@ -58,16 +63,14 @@ def of(problem: Problem) -> Arrays:
     rows = sorted(problem.rows, key=lambda r: r.first)
     row_first = np.array([r.first for r in rows], dtype=np.int64)
     row_last = np.array([r.last for r in rows], dtype=np.int64)
-    kept = [
-        (o, f.bytes, f.death, f.back)
-        for o, opt in enumerate(problem.options)
-        for f in opt.freed
-        if f.bytes > 0 and f.death < f.back
-    ]
-    entry = np.array(kept, dtype=np.int64).reshape(-1, 4)
     n = len(problem.options)
-    option, nbytes, death, back = entry.T
-    units = [opt.units for opt in problem.options]
+    count = np.fromiter((len(opt.freed) for opt in problem.options), dtype=np.int64, count=n)
+    flat = list(itertools.chain.from_iterable(opt.freed for opt in problem.options))
+    option = np.repeat(np.arange(n), count)
+    nbytes, death, back = (np.fromiter(map(attrgetter(name), flat), np.int64, len(flat)) for name in FIELDS)
+    kept = (nbytes != 0) & (death < back)  # the others never count
+    option, nbytes, death, back = option[kept], nbytes[kept], death[kept], back[kept]
+    first_unit, last_unit, is_interval = _unit_spans(problem)
     return Arrays(
         row_first=row_first,
         row_last=row_last,
@@ -80,17 +83,36 @@ def of(problem: Problem) -> Arrays:
         entry_row_hi=np.searchsorted(row_last, back, side="right") - 1,
         option_start=np.searchsorted(option, np.arange(n + 1)),
         option_total=_sum_by(option, nbytes, n),
+        option_freeing=_sum_by(option, np.maximum(nbytes, 0), n),
         option_back=np.array([opt.back for opt in problem.options], dtype=np.int64),
         option_replay_need=np.array(
             [opt.base_bytes + opt.replay_peak_bytes for opt in problem.options], dtype=np.int64
         ),
         option_cost_ms=np.array([opt.cost_ms for opt in problem.options], dtype=np.float64),
-        option_first_unit=np.array([min(u) if u else -1 for u in units], dtype=np.int64),
-        option_last_unit=np.array([max(u) if u else -1 for u in units], dtype=np.int64),
-        option_is_interval=np.array(
-            [bool(u) and sorted(u) == list(range(min(u), max(u) + 1)) for u in units], dtype=bool
-        ),
+        option_first_unit=first_unit,
+        option_last_unit=last_unit,
+        option_is_interval=is_interval,
     )
+
+
+def _unit_spans(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per option: its first and last unit, and whether its units are first, first + 1, ..., last."""
+    n = len(problem.options)
+    units = [opt.units for opt in problem.options]
+    count = np.fromiter(map(len, units), dtype=np.int64, count=n)
+    flat = np.fromiter(itertools.chain.from_iterable(units), dtype=np.int64, count=int(count.sum()))
+    owner = np.repeat(np.arange(n), count)
+    starts = np.cumsum(count) - count
+    first = np.full(n, -1, dtype=np.int64)
+    last = np.full(n, -1, dtype=np.int64)
+    has = count > 0
+    first[has] = np.minimum.reduceat(flat, starts[has])
+    last[has] = np.maximum.reduceat(flat, starts[has])
+    steps_up = np.concatenate([[True], np.diff(flat) == 1])  # each unit follows the one before it
+    steps_up[starts[has]] = True
+    consecutive = np.ones(n, dtype=bool)
+    np.logical_and.at(consecutive, owner, steps_up)
+    return first, last, consecutive & has
 
 
 def _sum_by(index: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
@@ -109,7 +131,29 @@ def chosen_entries(arr: Arrays, chosen: Sequence[int]) -> np.ndarray:
 
 def freed_rows(arr: Arrays, chosen: Sequence[int]) -> np.ndarray:
     """Bytes the chosen options free through each row."""
-    e = chosen_entries(arr, chosen)
+    return _rows_sum(arr, chosen_entries(arr, chosen))
+
+
+def freed_range(arr: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the least and the most bytes any plan can free through it (held bytes count negative)."""
+    e = np.arange(len(arr.entry_bytes))
+    held = arr.entry_bytes < 0
+    least = _rows_sum(arr, e[held])
+    most = _rows_sum(arr, e[~held])
+    return least, most
+
+
+def least_at(arr: Arrays, ticks: np.ndarray) -> np.ndarray:
+    """Per tick, the least bytes any plan can free there: every held byte, nothing freed."""
+    held = arr.entry_bytes < 0
+    deaths, backs = np.sort(arr.entry_death[held]), np.sort(arr.entry_back[held])
+    nbytes = arr.entry_bytes[held]
+    by_death = np.concatenate([[0], np.cumsum(nbytes[np.argsort(arr.entry_death[held], kind="stable")])])
+    by_back = np.concatenate([[0], np.cumsum(nbytes[np.argsort(arr.entry_back[held], kind="stable")])])
+    return by_death[np.searchsorted(deaths, ticks, side="left")] - by_back[np.searchsorted(backs, ticks, side="left")]
+
+
+def _rows_sum(arr: Arrays, e: np.ndarray) -> np.ndarray:
     e = e[arr.entry_row_lo[e] <= arr.entry_row_hi[e]]
     diff = np.zeros(len(arr.row_first) + 1, dtype=np.int64)
     np.add.at(diff, arr.entry_row_lo[e], arr.entry_bytes[e])
@@ -182,3 +226,37 @@ def row_cover(arr: Arrays) -> Cover:
 def tick_cover(arr: Arrays) -> Cover:
     """Bytes freed at tick t: entries with death < t <= back."""
     return Cover.of(arr.entry_option, arr.entry_death + 1, arr.entry_back, arr.entry_bytes)
+
+
+def max_covering(queries: np.ndarray, lo: np.ndarray, hi: np.ndarray, key: np.ndarray, none: int = -1) -> np.ndarray:
+    """For each query x, the largest key among intervals with lo <= x <= hi; `none` (below every key) if none.
+
+    A segment tree over the sorted queries: each interval raises the O(log) nodes that tile its range of
+    queries, all intervals at once level by level; a query's answer is the largest value on its root path.
+    """
+    order = np.argsort(queries, kind="stable")
+    q = queries[order]
+    size = 1 << max(1, int(len(q) - 1).bit_length())
+    tree = np.full(2 * size, none, dtype=np.int64)
+    left = np.searchsorted(q, lo, side="left") + size
+    right = np.searchsorted(q, hi, side="right") + size  # exclusive
+    value = key.astype(np.int64)
+    while True:
+        live = left < right
+        if not live.any():
+            break
+        left, right, value = left[live], right[live], value[live]
+        odd = (left & 1) == 1
+        np.maximum.at(tree, left[odd], value[odd])
+        left = left + odd
+        odd = (right & 1) == 1
+        np.maximum.at(tree, right[odd] - 1, value[odd])
+        right = right - odd
+        left, right = left >> 1, right >> 1
+    best = tree.copy()
+    for level in range(1, size.bit_length()):
+        nodes = np.arange(1 << level, 1 << (level + 1))
+        best[nodes] = np.maximum(best[nodes], best[nodes >> 1])
+    out = np.empty(len(q), dtype=np.int64)
+    out[order] = best[size : size + len(q)]
+    return out

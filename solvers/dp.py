@@ -1,94 +1,87 @@
-"""Dynamic programming along a chain: exact, in the spirit of Rotor (Beaumont et al. 2019).
+"""Dynamic programming along a chain, in the spirit of Rotor (Beaumont et al. 2019).
 
 On a chain every option covers consecutive units, so a plan cuts the units
-into steps, each keeping one unit or taking one option [a..b]. Scanning left
-to right, a state at boundary a (units < a decided) is
+into steps, each keeping unit a or taking an option [a..b]. Scanning left to
+right, a state at boundary a (units < a decided) is
 
-    (cost, S, V):  S = sum of all freed bytes of the chosen options,  V = a few tracked sums,
+    (cost_ms, S, V):  S = freeing bytes of the chosen options (held bytes left out),
+                      V = the freed sums of the few constraints tracked on their own,
 
-and a step from a to b + 1 adds cost_o and total_o to S. What makes it exact:
-for each memory constraint ("item": a row k, or the replay of option o)
+and a step adds cost_o and freeing_o to S. For each memory constraint (a row
+k, or the replay of option o when o is chosen; see `solvers.chain`)
 
-    B = the largest first unit of an option that frees bytes there (options starting after B add 0),
-    E = the smallest last unit of an option that frees only part of its bytes there,
+    B = the largest first unit of an option with bytes there (options starting after B change nothing),
+    E = the smallest last unit of an option that frees there other than exactly its freeing bytes,
 
-so every option ending before E frees all of its bytes there. When B <= E
-(always on a training step's chain, where each unit's bytes die at the end of
-its forward or the next unit's and come back in reverse order) the item is
-checked on the step covering unit B as S_before + freed_o >= need: one
-threshold on S per step. Otherwise the item's own freed sum is tracked in V
-from the step covering E to the step covering B; a replay of o is only
-checked when o is chosen, and o's compatible successors that free bytes at
-its back tick keep it in V until then. A state dominates another with no more
-cost, no less S and no less of every V (S and V are capped at what is still
-needed), so keeping each boundary's Pareto front gives the optimum for any
-freed entries, not only well-shaped ones. Time is O(n * options per unit *
-front size); the front is capped at MAX_STATES, and only if a cap or the time
-limit ever thinned it is the plan reported FEASIBLE / TIME_LIMIT instead of
-OPTIMAL. Every plan is checked against the exact peak before it is returned.
+so the options decided before the step covering B free exactly S there when
+B <= E (so on a training step's chain, where bytes die at the end of their
+unit's forward or the next one's and come back in reverse order): the check
+is S_before >= need - freed_o there, a threshold per step. Otherwise the
+constraint's own sum is tracked in V from the step covering E. A state
+dominates another with no more cost, no less S and no less of every V; S is
+capped above every later threshold. The Pareto front at each boundary is
+therefore exact for any entries, held (negative) bytes included: with no
+thinning the plan is OPTIMAL, and INFEASIBLE means no plan fits.
+
+Time is O(units * options per unit * front). A front above MAX_STATES (per
+group of states sharing V's pattern) is thinned to the state of least cost
+plus a lower bound on the cost still to pay in each of MAX_STATES bands of S
+(the bound: every later unit takes a convex mix of its options' per-unit
+shares, enough to reach the largest later row need); the plan is then
+FEASIBLE (TIME_LIMIT once past the time limit, when fronts shrink to
+LATE_STATES), and INFEASIBLE only says this search found none. Every plan is
+checked against the exact peak before it is returned.
 """
 
 from __future__ import annotations
 
-import heapq
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from solvers import arrays
-from solvers.arrays import Arrays, Cover
+from solvers.arrays import Arrays
 from solvers.base import Solution, Status
+from solvers.chain import BIG, KEEP, Model, model_of
 from solvers.problem import Problem
 
-MAX_STATES = 4096  # per boundary, before the front is thinned
+MAX_STATES = 512  # per key and boundary, before the front is thinned
 LATE_STATES = 64  # per boundary once the time limit has passed
-BIG = np.iinfo(np.int64).max // 4  # a tracked sum that no longer constrains anything
-KEEP = -1  # the step that keeps a unit
 
 
 @dataclass
-class _Item:
-    """A constraint freed >= need checked on the step covering unit `check`, tracked in V after `init`."""
+class _Nodes:
+    """Every kept state, as the step that made it: parent node and option (KEEP for a kept unit)."""
 
-    need: int
-    x: int  # row index (rows) or tick (replays): where the freed bytes are counted
-    init: int
-    check: int
-    option: int = KEEP  # replays: only checked when this option is chosen
-    cover: Cover | None = None
+    parent: list[np.ndarray] = field(default_factory=list)
+    option: list[np.ndarray] = field(default_factory=list)
+    count: int = 0
 
+    def add(self, parent: np.ndarray, option: np.ndarray) -> np.ndarray:
+        self.parent.append(parent)
+        self.option.append(option)
+        self.count += len(parent)
+        return np.arange(self.count - len(parent), self.count)
 
-@dataclass
-class _Model:
-    n_units: int
-    steps: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # per unit a: opt, end, cost, total, thr
-    tracked: list[_Item]
-    live: list[list[int]]  # per boundary: the tracked items in V, in column order
-    checked_inside: list[list[int]]  # per unit: tracked items initialised and checked within one step covering it
-    cap: np.ndarray  # per boundary: the most S any later check can use
-    option_first: np.ndarray
-    memo: dict[tuple[int, int], int] = field(default_factory=dict)
-
-    def freed(self, o: int, i: int) -> int:
-        """Bytes option o frees where tracked item i is counted."""
-        if o == KEEP:
-            return 0
-        key = (o, i)
-        if key not in self.memo:
-            item = self.tracked[i]
-            self.memo[key] = int(item.cover.at(np.array([o]), np.array([item.x]))[0])
-        return self.memo[key]
+    def plan(self, node: int) -> tuple[int, ...]:
+        parent, option = np.concatenate(self.parent), np.concatenate(self.option)
+        chosen = []
+        while node >= 0:
+            if option[node] != KEEP:
+                chosen.append(int(option[node]))
+            node = int(parent[node])
+        return tuple(sorted(chosen))
 
 
 @dataclass
-class _Front:
+class _Group:
+    """States at a boundary with one key (V - S per live item, BIG once satisfied), sorted by cost and by S."""
+
+    key: tuple[int, ...]
     cost: np.ndarray  # ms
-    s: np.ndarray  # bytes, capped
-    v: np.ndarray  # [states, live items] bytes, BIG once satisfied
-    parent: np.ndarray  # index in the previous boundary's front
-    origin: np.ndarray  # boundary it came from
-    option: np.ndarray  # option of the step, KEEP for a kept unit
+    s: np.ndarray  # bytes
+    node: np.ndarray
 
 
 def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
@@ -98,292 +91,159 @@ def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
     arr = arrays.of(problem)
     if not arr.option_is_interval.all():
         raise ValueError("the dp solver needs options over consecutive units; use the 'ilp' solver")
-    model = _model(problem, arr)
-    if model is None:
-        return Solution((), Status.INFEASIBLE, solve_s=time.perf_counter() - start)
-    fronts, thinned, late = _run(model, start + time_limit_s)
+    chosen, thinned, late = _search(problem, arr, start + time_limit_s)
     solve_s = time.perf_counter() - start
-    last = fronts[problem.n_units]
-    if last is None or len(last.cost) == 0:
+    if chosen is None:
         return Solution((), Status.INFEASIBLE, solve_s=solve_s)
-    chosen = _read_back(fronts, problem.n_units, int(np.argmin(last.cost)))
+    status = Status.TIME_LIMIT if late else Status.FEASIBLE if thinned else Status.OPTIMAL
+    return Solution(chosen, status, solve_s=solve_s)
+
+
+def plan(problem: Problem, arr: Arrays, deadline: float) -> tuple[int, ...] | None:
+    """This solver's plan for any problem whose options cover consecutive units, chain or not (a starting
+    point for other solvers); None when it finds none within budget."""
+    return _search(problem, arr, deadline)[0]
+
+
+def _search(problem: Problem, arr: Arrays, deadline: float) -> tuple[tuple[int, ...] | None, bool, bool]:
+    """The cheapest plan found, whether a front was thinned, whether the deadline passed."""
+    model = model_of(problem, arr)
+    if model is None:
+        return None, False, False
+    groups, nodes, thinned, late = _run(model, deadline)
+    if not groups:
+        return None, thinned, late
+    best = min(groups, key=lambda g: g.cost[0])
+    chosen = nodes.plan(int(best.node[0]))
     peak = arrays.peak_bytes(arr, chosen)
     if peak > problem.budget_bytes or not problem.compatible(chosen):
         raise RuntimeError(f"dp's plan peaks at {peak} bytes over the budget of {problem.budget_bytes}: a bug")
-    status = Status.TIME_LIMIT if late else Status.FEASIBLE if thinned else Status.OPTIMAL
-    return Solution(chosen, status, solve_s=solve_s)
+    return chosen, thinned, late
 
 
 # ---------------------------------------------------------------- the items and the steps
 
 
-def _model(problem: Problem, arr: Arrays) -> _Model | None:
-    """Items, thresholds and steps; None when some row needs freeing that no option does."""
-    n = problem.n_units
-    first, last = arr.option_first_unit, arr.option_last_unit
-    rows_cover, tick_cover = arrays.row_cover(arr), arrays.tick_cover(arr)
-    # rows that the budget constrains
-    row_need = arr.row_peak - problem.budget_bytes
-    rows = np.flatnonzero(row_need > 0)
-    row_b, row_e = _bounds(arr, arr.entry_row_lo, arr.entry_row_hi, rows)
-    if (row_b < 0).any():
-        return None
-    row_init = np.minimum(row_e, row_b)
-    # replays that the budget constrains, when their option is chosen
-    replay_need = arr.option_replay_need - problem.budget_bytes
-    reps = np.flatnonzero(replay_need > 0)
-    ticks = arr.option_back[reps]
-    rep_b, rep_e = _bounds(arr, arr.entry_death + 1, arr.entry_back, ticks)
-    rep_check = np.where(rep_b > last[reps], rep_b, first[reps])
-    rep_init = np.minimum(rep_e, first[reps])
-    # regular items become thresholds on S, the others are tracked
-    thr = np.full(arr.n_options, np.iinfo(np.int64).min // 4, dtype=np.int64)
-    reg = row_init == row_b
-    _row_thresholds(thr, arr, rows_cover, rows[reg], row_need[rows[reg]], row_b[reg], first, last)
-    rreg = rep_init == rep_check
-    self_freed = tick_cover.at(reps[rreg], ticks[rreg])
-    np.maximum.at(thr, reps[rreg], replay_need[reps[rreg]] - self_freed)
-    keep_thr = np.full(n, np.iinfo(np.int64).min // 4, dtype=np.int64)
-    np.maximum.at(keep_thr, row_b[reg], row_need[rows[reg]])
-    tracked = [
-        _Item(int(row_need[k]), int(k), int(i), int(c), KEEP, rows_cover)
-        for k, i, c in zip(rows[~reg], row_init[~reg], row_b[~reg])
-    ] + [
-        _Item(int(replay_need[o]), int(t), int(i), int(c), int(o), tick_cover)
-        for o, t, i, c in zip(reps[~rreg], ticks[~rreg], rep_init[~rreg], rep_check[~rreg])
-    ]
-    live, inside = _live(n, tracked)
-    cap = _cap(n, np.concatenate([row_b, rep_check]), np.concatenate([row_need[rows], replay_need[reps]]))
-    steps = _steps(n, arr, thr, keep_thr)
-    return _Model(n, steps, tracked, live, inside, cap, first)
-
-
-def _bounds(arr: Arrays, lo: np.ndarray, hi: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per query x: B, the largest first unit of an option freeing bytes at x (-1 if none), and E, the
-    smallest last unit of an option freeing only part of its bytes there (n_units if none).
-
-    Entry e of an option frees its bytes at x when lo[e] <= x <= hi[e].
-    """
-    opt, first, last = arr.entry_option, arr.option_first_unit, arr.option_last_unit
-    # B: sweep the sorted queries over each option's entries grouped by hi (nested, so one interval each)
-    valid = lo <= hi
-    span = int(hi.max(initial=0)) + 2
-    groups, where = np.unique(opt[valid] * span + hi[valid], return_inverse=True)
-    g_lo = np.full(len(groups), np.iinfo(np.int64).max)
-    np.minimum.at(g_lo, where.ravel(), lo[valid])
-    b = _max_covering(queries, g_lo, groups % span, first[groups // span])
-    # E: an option frees all its bytes at x when max lo <= x <= min hi
-    n = arr.n_options
-    all_lo, all_hi = np.full(n, np.iinfo(np.int64).min), np.full(n, np.iinfo(np.int64).max)
-    np.maximum.at(all_lo, opt, lo)
-    np.minimum.at(all_hi, opt, hi)
-    has = arr.option_total > 0
-    e = np.minimum(
-        _min_where_above(all_lo[has], last[has], queries), _min_where_below(all_hi[has], last[has], queries)
-    )
-    return b, e
-
-
-def _max_covering(queries: np.ndarray, lo: np.ndarray, hi: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """For each query x, the largest key among intervals with lo <= x <= hi, -1 if none."""
-    order_q = np.argsort(queries, kind="stable")
-    order_i = np.argsort(lo, kind="stable")
-    lo_s, hi_s, key_s = lo[order_i].tolist(), hi[order_i].tolist(), key[order_i].tolist()
-    out = np.full(len(queries), -1, dtype=np.int64)
-    heap: list[tuple[int, int]] = []
-    i = 0
-    for q in order_q.tolist():
-        x = int(queries[q])
-        while i < len(lo_s) and lo_s[i] <= x:
-            heapq.heappush(heap, (-key_s[i], hi_s[i]))
-            i += 1
-        while heap and heap[0][1] < x:
-            heapq.heappop(heap)
-        if heap:
-            out[q] = -heap[0][0]
-    return out
-
-
-def _min_where_above(threshold: np.ndarray, value: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """min value[j] over threshold[j] > x, per x (large if none)."""
-    order = np.argsort(threshold, kind="stable")
-    t, v = threshold[order], value[order]
-    suffix = np.minimum.accumulate(np.concatenate([v, [np.iinfo(np.int64).max // 4]])[::-1])[::-1]
-    return suffix[np.searchsorted(t, x, side="right")]
-
-
-def _min_where_below(threshold: np.ndarray, value: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """min value[j] over threshold[j] < x, per x (large if none)."""
-    order = np.argsort(threshold, kind="stable")
-    t, v = threshold[order], value[order]
-    prefix = np.minimum.accumulate(np.concatenate([[np.iinfo(np.int64).max // 4], v]))
-    return prefix[np.searchsorted(t, x, side="left")]
-
-
-def _row_thresholds(thr, arr, cover, rows, need, check, first, last) -> None:
-    """thr[o] >= need_k - freed_o(k) for each regular row k checked on a unit that o covers."""
-    order = np.argsort(check, kind="stable")
-    rows, need, check = rows[order], need[order], check[order]
-    lo = np.searchsorted(check, first, side="left")
-    hi = np.searchsorted(check, last, side="right")
-    count = np.maximum(hi - lo, 0)
-    pair_opt = np.repeat(np.arange(arr.n_options), count)
-    pair_item = np.repeat(lo, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
-    np.maximum.at(thr, pair_opt, need[pair_item] - cover.at(pair_opt, rows[pair_item]))
-
-
-def _live(n: int, tracked: list[_Item]) -> tuple[list[list[int]], list[list[int]]]:
-    live: list[list[int]] = [[] for _ in range(n + 1)]
-    inside: list[list[int]] = [[] for _ in range(n)]
-    for i, item in enumerate(tracked):
-        for a in range(item.init + 1, item.check + 1):
-            live[a].append(i)
-        inside[item.check].append(i)
-    return live, inside
-
-
-def _cap(n: int, check: np.ndarray, need: np.ndarray) -> np.ndarray:
-    """cap[a]: the largest need checked at unit a or later (S beyond it changes nothing)."""
-    cap = np.zeros(n + 2, dtype=np.int64)
-    np.maximum.at(cap, check, need)
-    return np.maximum.accumulate(cap[::-1])[::-1][: n + 1]
-
-
-def _steps(n: int, arr: Arrays, thr: np.ndarray, keep_thr: np.ndarray):
-    order = np.lexsort((arr.option_last_unit, arr.option_first_unit))
-    starts = np.searchsorted(arr.option_first_unit[order], np.arange(n + 1))
-    steps = []
-    for a in range(n):
-        o = order[starts[a] : starts[a + 1]]
-        steps.append(
-            (
-                np.concatenate([[KEEP], o]),
-                np.concatenate([[a], arr.option_last_unit[o]]),
-                np.concatenate([[0.0], arr.option_cost_ms[o]]),
-                np.concatenate([[0], arr.option_total[o]]),
-                np.concatenate([[keep_thr[a]], thr[o]]),
-            )
-        )
-    return steps
-
-
 # ---------------------------------------------------------------- the scan
 
 
-def _run(model: _Model, deadline: float) -> tuple[list[_Front | None], bool, bool]:
+def _run(model: Model, deadline: float) -> tuple[list[_Group], _Nodes, bool, bool]:
+    """Pareto fronts boundary by boundary; the last one's groups, the state tree, whether thinned or late."""
     n = model.n_units
-    pending: list[list[_Front]] = [[] for _ in range(n + 1)]
-    fronts: list[_Front | None] = [None] * (n + 1)
-    zero = np.zeros(1, dtype=np.int64)
-    pending[0].append(_Front(np.zeros(1), zero, np.zeros((1, 0), dtype=np.int64), zero, zero, zero))
+    pending: list[dict] = [{} for _ in range(n + 1)]
+    root = _Group((), np.zeros(1), np.zeros(1, dtype=np.int64), np.full(1, -1))
+    pending[0][()] = [(root, 0, 1, 0.0, 0, KEEP)]
+    nodes = _Nodes()
     thinned = late = False
+    groups: list[_Group] = []
     for a in range(n + 1):
         if not pending[a]:
+            groups = []
             continue
-        if not late and time.perf_counter() > deadline:
-            late = True
-        front, cut = _pareto(_concat(pending[a]), LATE_STATES if late else MAX_STATES)
+        late = late or time.perf_counter() > deadline
+        groups, cut = _front(pending[a], nodes, model, a, LATE_STATES if late else MAX_STATES)
         thinned |= cut
-        pending[a] = []
-        fronts[a] = front
+        pending[a] = {}
         if a < n:
-            for step in zip(*model.steps[a]):
-                child = _step(model, a, front, *step)
-                if child is not None:
-                    pending[int(step[1]) + 1].append(child)
-    return fronts, thinned, late
+            relevant = model.relevant(a)
+            for group in groups:
+                _expand(model, a, group, relevant, pending)
+    return groups, nodes, thinned, late
 
 
-def _step(model: _Model, a: int, front: _Front, o, b, cost, total, thr) -> _Front | None:
-    """The states after taking option o (or keeping unit a) over units a..b from every state of the front."""
-    o, b = int(o), int(b)
-    ok = front.s >= thr
-    target = model.live[b + 1]
-    here = {i: c for c, i in enumerate(model.live[a])}
-    checks = [i for p in range(a, b + 1) for i in model.checked_inside[p] if i not in here]
-    columns = {}
-    for i in list(here) + [i for i in target if i not in here] + checks:
-        item = model.tracked[i]
-        value = front.v[:, here[i]] if i in here else front.s
-        if item.option != KEEP and a <= model.option_first[item.option] <= b and o != item.option:
-            value = np.full(len(front.s), BIG)  # its option is not chosen: no replay to check
-        else:
-            value = np.where(value >= BIG, BIG, value + model.freed(o, i))
-        if a <= item.check <= b:
-            ok &= value >= item.need
-        else:
-            columns[i] = np.where(value >= item.need, BIG, value)
-    if not ok.any():
-        return None
-    idx = np.flatnonzero(ok)
-    v = np.stack([columns[i][idx] for i in target], axis=1) if target else np.zeros((len(idx), 0), np.int64)
-    return _Front(
-        front.cost[idx] + cost,
-        np.minimum(front.s[idx] + total, model.cap[b + 1]),
-        v,
-        idx,
-        np.full(len(idx), a),
-        np.full(len(idx), o),
-    )
+def _front(children: dict, nodes: _Nodes, model: Model, a: int, max_states: int) -> tuple[list[_Group], bool]:
+    """Per key, the non-dominated states (no more cost and no less S); states with unmet tracked items
+    are also dropped when a state with none dominates them. Thinned to max_states per key."""
+    groups, cut = [], False
+    for key, parts in children.items():
+        length = [hi - lo for _, lo, hi, *_ in parts]
+        cost = np.concatenate([g.cost[lo:hi] for g, lo, hi, *_ in parts]) + np.repeat([p[3] for p in parts], length)
+        s = np.concatenate([g.s[lo:hi] for g, lo, hi, *_ in parts]) + np.repeat([p[4] for p in parts], length)
+        if all(k >= BIG for k in key):
+            s = np.minimum(s, model.cap[a])
+        parent = np.concatenate([g.node[lo:hi] for g, lo, hi, *_ in parts])
+        option = np.repeat([p[5] for p in parts], length)
+        keep = _pareto(cost, s)
+        if len(keep) > max_states:
+            keep, cut = _thin(cost, s, keep, max_states, model.bound(a, model.row_cap[a] - s[keep])), True
+        groups.append((key, cost[keep], s[keep], parent[keep], option[keep]))
+    free = [g for g in groups if all(k >= BIG for k in g[0])]
+    out = []
+    for key, cost, s, parent, option in groups:
+        if free and free[0][0] != key:
+            keep = ~_dominated(free[0][1], free[0][2], cost, np.minimum(s, model.cap[a]))
+            cost, s, parent, option = cost[keep], s[keep], parent[keep], option[keep]
+        if len(cost):
+            out.append(_Group(key, cost, s, nodes.add(parent, option)))
+    return out, cut
 
 
-def _concat(parts: list[_Front]) -> _Front:
-    return _Front(*(np.concatenate([getattr(p, f) for p in parts]) for f in _Front.__dataclass_fields__))
-
-
-def _pareto(f: _Front, max_states: int) -> tuple[_Front, bool]:
-    """The non-dominated states (less cost, more S, more of each V), thinned to max_states; whether it thinned."""
-    if f.v.shape[1] == 0:
-        keep = _pareto_1d(f.cost, f.s, np.arange(len(f.cost)))
-    else:
-        key = np.where(f.v >= BIG, BIG, f.v - f.s[:, None])  # V - S: in one group, more S means more V
-        _, group = np.unique(key, axis=0, return_inverse=True)
-        group = group.ravel()
-        free = np.flatnonzero((f.v >= BIG).all(axis=1))
-        base = _pareto_1d(f.cost, f.s, free)
-        kept = [base]
-        for g in np.unique(group[np.setdiff1d(np.arange(len(group)), free)]):
-            members = _pareto_1d(f.cost, f.s, np.flatnonzero(group == g))
-            kept.append(members[~_dominated_by(f, base, members)])
-        keep = np.concatenate(kept)
-    cut = len(keep) > max_states
-    if cut:
-        keep = _thin(f, keep, max_states)
-    return _Front(*(getattr(f, name)[keep] for name in _Front.__dataclass_fields__)), cut
-
-
-def _pareto_1d(cost: np.ndarray, s: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Indices among idx with no other of no more cost and no less S, in order of cost."""
-    if len(idx) == 0:
-        return idx
-    order = idx[np.lexsort((-s[idx], cost[idx]))]
+def _pareto(cost: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Indices of states that no earlier state in order of cost beats on S, in that order."""
+    order = np.argsort(cost, kind="stable")
     best = np.maximum.accumulate(s[order])
     return order[np.concatenate([[True], s[order][1:] > best[:-1]])]
 
 
-def _dominated_by(f: _Front, base: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """Whether a state of `base` (sorted by cost, S rising) has no more cost and no less S than each member."""
-    if len(base) == 0:
-        return np.zeros(len(members), dtype=bool)
-    j = np.searchsorted(f.cost[base], f.cost[members], side="right") - 1
-    return (j >= 0) & (f.s[base][np.maximum(j, 0)] >= f.s[members])
+def _dominated(free_cost: np.ndarray, free_s: np.ndarray, cost: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Whether a free state (sorted by cost, S rising) has no more cost and no less S than each state."""
+    j = np.searchsorted(free_cost, cost, side="right") - 1
+    return (j >= 0) & (free_s[np.maximum(j, 0)] >= s)
 
 
-def _thin(f: _Front, keep: np.ndarray, max_states: int) -> np.ndarray:
-    """Keep the cheapest state in each of max_states bands of S, and the largest S."""
-    s = f.s[keep]
-    band = (s - s.min()) * (max_states - 1) // max(int(s.max() - s.min()), 1)
-    order = np.lexsort((f.cost[keep], band))
+def _thin(cost: np.ndarray, s: np.ndarray, keep: np.ndarray, max_states: int, to_go: np.ndarray) -> np.ndarray:
+    """In each of max_states bands of S, the state with the least cost plus lower bound on the cost to go;
+    and the one with the most S."""
+    sk = s[keep]
+    band = (sk - sk.min()) * (max_states - 1) // max(int(sk.max() - sk.min()), 1)
+    order = np.lexsort((cost[keep] + to_go, band))
     first = np.concatenate([[True], band[order][1:] != band[order][:-1]])
-    return np.union1d(keep[order[first]], keep[[int(np.argmax(s))]])
+    chosen = np.union1d(order[first], [len(keep) - 1])  # positions in keep, which is in order of cost
+    return keep[chosen]
 
 
-def _read_back(fronts: list[_Front | None], n: int, index: int) -> tuple[int, ...]:
-    chosen = []
-    a = n
-    while a > 0:
-        f = fronts[a]
-        if f.option[index] != KEEP:
-            chosen.append(int(f.option[index]))
-        a, index = int(f.origin[index]), int(f.parent[index])
-    return tuple(sorted(chosen))
+def _expand(model: Model, a: int, group: _Group, relevant: tuple, pending: list[dict]) -> None:
+    """Every step from boundary a applied to a group: checks as thresholds on S, tracked items carried."""
+    opt, end, cost, total, thr = model.steps[a]
+    items, freed, after = relevant
+    here = dict(zip(model.live[a], group.key))
+    lowest = thr.astype(np.float64)
+    kept = np.full((len(items), len(opt)), BIG, dtype=np.int64)  # K' = V - S after the step, BIG: no constraint
+    met_from = np.full((len(items), len(opt)), -np.inf)  # the S from which the item is met
+    for i, r in items.items():
+        item = model.tracked[i]
+        k = here.get(i, 0)  # not live here: initialised from S on this step
+        if k >= BIG:
+            continue
+        shift = k + freed[r]
+        dropped = np.zeros(len(opt), dtype=bool)
+        if item.option != KEEP:  # a replay: no constraint unless its option is the step covering its first unit
+            first = model.option_first[item.option]
+            dropped = (a <= first) & (first <= end) & (opt != item.option)
+        needed = np.where(dropped, -np.inf, item.need - shift)
+        kept[r] = np.where(dropped, BIG, shift - total)
+        met_from[r] = needed - item.least  # met for good: later steps may hold bytes there, no more than least
+        checked = (a <= item.check) & (item.check <= end)
+        lowest = np.where(checked, np.maximum(lowest, needed), lowest)
+    start = np.searchsorted(group.s, lowest, side="left")
+    met_at = np.searchsorted(group.s, met_from, side="left")  # first state for which each item is met
+    unmet = ((kept < BIG) & after & (met_at > start)).any(axis=0).tolist()
+    steps = zip(start.tolist(), unmet, end.tolist(), cost.tolist(), total.tolist(), opt.tolist())
+    for t, (lo, split, b, c, tot, o) in enumerate(steps):
+        if lo == len(group.s):
+            continue
+        if split:
+            _split(model, group, lo, items, kept[:, t], met_at[:, t], pending[b + 1], (c, tot, o), b)
+        else:
+            pending[b + 1].setdefault(model.free_keys[b + 1], []).append((group, lo, len(group.s), c, tot, o))
+
+
+def _split(model, group, start, row, kept, met_at, target: dict, step: tuple, b: int) -> None:
+    """States from `start` on after a step, cut where a tracked item becomes met; one key per piece."""
+    live = model.live[b + 1]
+    bounds = sorted({start, len(group.s)} | {max(int(met_at[row[i]]), start) for i in live})
+    for lo, hi in zip(bounds, bounds[1:]):
+        if lo == hi:
+            continue
+        key = tuple(BIG if kept[row[i]] >= BIG or lo >= met_at[row[i]] else int(kept[row[i]]) for i in live)
+        target.setdefault(key, []).append((group, lo, hi, *step))

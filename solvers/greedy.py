@@ -4,7 +4,12 @@
     until    peak(C) <= budget   (FEASIBLE)   or no option lowers the peak (INFEASIBLE)
 
 When no option lowers the peak (several rows share it), the one freeing the
-most bytes per millisecond at the rows that hold the peak is added instead.
+most bytes per millisecond at the rows that hold the peak is added instead;
+when none is left, an option may replace the chosen ones it overlaps (a
+longer region instead of two short ones), if that lowers the peak.
+On large graphs a round adds, with the best option, the next best compatible
+ones scoring at least half as well while their estimated gains add up to
+less than the excess over the budget (one per BATCH_UNITS units at most).
 peak(C + o) is estimated in O(1) per option from the rows' memory with range
 maxima (chosen replays move with the row that holds them, exact when rows are
 cut at every entry's ends, as `build_problem` cuts them); the plan's own peak
@@ -25,6 +30,8 @@ from solvers.base import Solution, Status
 from solvers.problem import Problem
 
 NONE = np.iinfo(np.int64).min // 4  # below any memory
+BATCH_UNITS = 50  # a round adds up to one option per this many units
+SWAP_CANDIDATES = 200  # options tried as replacements when no compatible one helps
 
 
 def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
@@ -41,14 +48,37 @@ def plan(problem: Problem, arr: Arrays, target_bytes: int, deadline: float = flo
     """Greedy options until the peak is at most `target_bytes` (or nothing helps); the plan and its exact peak."""
     state = _State.of(problem, arr)
     while state.peak() > target_bytes and time.perf_counter() < deadline:
-        o = state.best()
-        if o is None:
-            break
-        state.add(o)
+        batch = state.best(target_bytes)
+        if not batch:
+            batch = _swap(problem, arr, state)
+            if batch is None:
+                break
+            state = _State.of(problem, arr)
+        for o in batch:
+            state.add(o)
     chosen = tuple(sorted(state.chosen))
     peak = arrays.peak_bytes(arr, chosen)
     assert peak == state.peak(), "greedy's running peak disagrees with the evaluator"
     return chosen, peak
+
+
+def _swap(problem: Problem, arr: Arrays, state: _State) -> list[int] | None:
+    """When no compatible option lowers the peak: the plan where one more option replaces the chosen
+    ones it overlaps, lowering the peak most per ms added (of SWAP_CANDIDATES freeing most per ms)."""
+    peak, chosen = state.peak(), set(state.chosen)
+    cand = np.flatnonzero(~state.usable & (arr.option_total > 0))
+    cand = cand[~np.isin(cand, state.chosen)]
+    ratio = arr.option_total[cand] / np.maximum(arr.option_cost_ms[cand], 1e-12)
+    best, best_score = None, 0.0
+    for o in cand[np.argsort(-ratio, kind="stable")[:SWAP_CANDIDATES]].tolist():
+        units = set(state.option_units[o])
+        kept = [c for c in chosen if not units & set(state.option_units[c])]
+        gain = peak - arrays.peak_bytes(arr, [*kept, o])
+        added = arr.option_cost_ms[o] - sum(arr.option_cost_ms[c] for c in chosen if c not in kept)
+        score = gain / max(added, 1e-12)
+        if gain > 0 and score > best_score:
+            best, best_score = [*kept, o], score
+    return best
 
 
 @dataclass
@@ -59,9 +89,12 @@ class _Static:
     hi: np.ndarray
     flo: np.ndarray
     fhi: np.ndarray
-    part_option: np.ndarray  # partial (option, row, bytes) triples, grouped by option
-    part_row: np.ndarray
+    part_option: np.ndarray  # options with partial rows
+    part_start: np.ndarray  # where each of them starts among the (row, bytes) pairs
+    part_row: np.ndarray  # partial (row, bytes) pairs, grouped by option
     part_bytes: np.ndarray
+    by_back: np.ndarray  # options in order of back tick
+    backs: np.ndarray  # their back ticks, sorted
     tick_row: np.ndarray  # row holding each option's back tick, -1 if none
     self_freed: np.ndarray  # bytes an option frees at its own back tick
 
@@ -88,14 +121,19 @@ def _static(arr: Arrays) -> _Static:
     offsets = np.repeat(np.cumsum(length) - length, length)
     part_row = np.repeat(seg_lo, length) + np.arange(len(part_option)) - offsets
     part_bytes = arrays.row_cover(arr).at(part_option, part_row)
+    part_options, part_start = np.unique(part_option, return_index=True)
+    by_back = np.argsort(arr.option_back, kind="stable")
     return _Static(
         lo,
         hi,
         flo,
         fhi,
-        part_option,
+        part_options,
+        part_start,
         part_row,
         part_bytes,
+        by_back,
+        arr.option_back[by_back],
         arr.row_of_tick(arr.option_back),
         arrays.tick_cover(arr).at(np.arange(n), arr.option_back),
     )
@@ -105,13 +143,13 @@ def _static(arr: Arrays) -> _Static:
 class _State:
     arr: Arrays
     static: _Static
-    tick: arrays.Cover
     mem: np.ndarray  # bytes per row with the chosen options
     freed_back: np.ndarray  # per option: bytes the chosen options free at its back tick
     usable: np.ndarray  # per option: compatible with the chosen ones, frees something
     chosen: list[int]
     option_units: list[tuple[int, ...]]
     unit_options: dict[int, np.ndarray]  # per unit: the options using it
+    batch_max: int  # options added per round
 
     @classmethod
     def of(cls, problem: Problem, arr: Arrays) -> _State:
@@ -123,13 +161,13 @@ class _State:
         return cls(
             arr,
             static,
-            arrays.tick_cover(arr),
             arr.row_peak.copy(),
             np.zeros(arr.n_options, dtype=np.int64),
             arr.option_total > 0,
             [],
             [option.units for option in problem.options],
             {u: np.array(v) for u, v in unit_options.items()},
+            max(1, problem.n_units // BATCH_UNITS),
         )
 
     def replays(self) -> np.ndarray:
@@ -140,8 +178,10 @@ class _State:
         replays = self.replays()
         return int(max(self.mem.max(), replays.max() if len(replays) else NONE))
 
-    def best(self) -> int | None:
-        """The option to add next, or None when none lowers the peak or frees bytes where it is."""
+    def best(self, target_bytes: int) -> list[int]:
+        """Options to add next: the best and, on large graphs, the next best compatible ones scoring at
+        least half as well, while their estimated gains add up to less than the way left to the target;
+        none when nothing lowers the peak or frees bytes where it is."""
         s, arr = self.static, self.arr
         c = np.array(self.chosen, dtype=np.int64)
         eff, loose = self.mem.copy(), NONE
@@ -152,15 +192,31 @@ class _State:
         peak = max(int(eff.max()), loose)
         cand = np.flatnonzero(self.usable)
         if len(cand) == 0:
-            return None
+            return []
         est = _estimate(eff, s, arr, cand, self.freed_back)
         est = np.maximum(est, loose)
         gain = peak - est
         cost = arr.option_cost_ms[cand]
         if (gain > 0).any():
             score = np.where(gain > 0, gain / np.maximum(cost, 1e-12), -np.inf)
-            return int(cand[np.argmax(score)])
-        return self._at_peak(eff, peak, cand, cost) if loose < peak else None
+            return self._batch(cand, score, gain, peak - target_bytes)
+        one = self._at_peak(eff, peak, cand, cost) if loose < peak else None
+        return [] if one is None else [one]
+
+    def _batch(self, cand: np.ndarray, score: np.ndarray, gain: np.ndarray, excess: int) -> list[int]:
+        order = np.argsort(-score, kind="stable")
+        good = np.count_nonzero(score >= score[order[0]] / 2)
+        batch, used, total = [], set(), 0
+        for i in order[:good].tolist():
+            units = set(self.option_units[cand[i]])
+            if units & used:
+                continue
+            if batch and (total + gain[i] > excess or len(batch) >= self.batch_max):
+                break
+            batch.append(int(cand[i]))
+            used |= units
+            total += int(gain[i])
+        return batch
 
     def _at_peak(self, eff: np.ndarray, peak: int, cand: np.ndarray, cost: np.ndarray) -> int | None:
         """The option freeing most bytes per ms through rows at the peak (several rows hold it)."""
@@ -179,7 +235,12 @@ class _State:
         for lo, hi, b in zip(arr.entry_row_lo[span], arr.entry_row_hi[span], arr.entry_bytes[span]):
             if lo <= hi:
                 self.mem[lo : hi + 1] -= b
-        self.freed_back += self.tick.at(np.full(arr.n_options, o), arr.option_back)
+        # options whose back tick falls in (death, back] of one of o's entries: o frees those bytes there
+        s = self.static
+        diff = np.zeros(arr.n_options + 1, dtype=np.int64)
+        np.add.at(diff, np.searchsorted(s.backs, arr.entry_death[span], side="right"), arr.entry_bytes[span])
+        np.add.at(diff, np.searchsorted(s.backs, arr.entry_back[span], side="right"), -arr.entry_bytes[span])
+        self.freed_back[s.by_back] += np.cumsum(diff[:-1])
         self.chosen.append(o)
         for u in self.option_units[o]:
             self.usable[self.unit_options[u]] = False
@@ -200,7 +261,7 @@ def _estimate(eff: np.ndarray, s: _Static, arr: Arrays, cand: np.ndarray, freed_
     full[has_full] = _range_max(eff, flo[has_full], fhi[has_full]) - arr.option_total[cand[has_full]]
     partial = np.full(arr.n_options, NONE, dtype=np.int64)
     if len(s.part_option):
-        np.maximum.at(partial, s.part_option, eff[s.part_row] - s.part_bytes)
+        partial[s.part_option] = np.maximum.reduceat(eff[s.part_row] - s.part_bytes, s.part_start)
     own = arr.option_replay_need[cand] - freed_back[cand] - s.self_freed[cand]
     return np.maximum.reduce([outside, full, partial[cand], own])
 

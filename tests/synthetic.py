@@ -9,7 +9,8 @@ order after the forward ends; an optimizer phase closes the step. A
 groups of saved bytes that die at the end of its forward (or of the next
 unit's, when the next unit reads them too), a recompute region brings its
 groups back when the backward of its last unit starts, an offload one unit
-earlier (prefetch); its rows are cut wherever an entry starts or stops, as
+earlier (prefetch), and a region may hold its input (negative bytes) until
+its backward is over; its rows are cut wherever an entry starts or stops, as
 `build_problem` cuts them, and their peaks come from the unplanned memory
 curve. An *unstructured* problem draws deaths, backs, rows and peaks at
 random, so that nothing but the formula of `Problem.peak_bytes` holds.
@@ -124,6 +125,10 @@ def _structured_option(rng, n_units, groups, units, action, save) -> Option | No
         replay = sum(freed.values())
         cost = rng.choice([0.0, rng.uniform(0.0, 2.0)])
     entries = tuple(Freed(b, d, back) for d, b in sorted(freed.items()))
+    if action is Action.RECOMPUTE and min(units) > 0 and rng.random() < 0.5:
+        # the region's input, made before it, is held until the region's backward is over
+        held = -sum(g.bytes for g in groups[min(units) - 1])
+        entries += (Freed(held, _bwd_start(n_units, last) + 1, _bwd_start(n_units, min(units)) + W - 1),)
     return Option(Choice(action, units, frozenset({"aten.mm"}) if save else frozenset()), entries, back, 0, replay, cost)
 
 
@@ -131,7 +136,8 @@ def _random_option(rng, units, action, save, end_tick) -> Option:
     entries = []
     for _ in range(rng.randint(1, 3)):
         death = rng.randrange(0, end_tick - 1)
-        entries.append(Freed(rng.randrange(1, 40) * 64, death, rng.randrange(death + 1, end_tick)))
+        held = rng.random() < 0.15  # negative bytes: on the device longer
+        entries.append(Freed(rng.randrange(1, 40) * 64 * (-1 if held else 1), death, rng.randrange(death + 1, end_tick)))
     back = rng.randrange(1, end_tick)
     choice = Choice(action, units, frozenset({"aten.mm"}) if save else frozenset())
     return Option(choice, tuple(entries), back, rng.randrange(0, 3000), rng.randrange(0, 1500), rng.uniform(0.0, 3.0))

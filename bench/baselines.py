@@ -1,0 +1,236 @@
+"""The planner against the checkpointing a user would otherwise pick, measured side by side on the CPU.
+
+    python -m bench.baselines --quick                     # 2 scenarios, 2 budgets, no torch.compile (~3 min)
+    python -m bench.baselines                             # every zoo scenario (small), budgets down to the smallest
+    python -m bench.baselines --scenarios gpt,vgg --out bench/RESULTS.md
+
+Per scenario (small variant), in one process: no checkpointing (the reference), torch.utils.checkpoint
+around every unit, checkpoint_sequential in sqrt(n) segments where the model (or its main
+nn.Sequential body) is sequential, the planner's "all" and "sqrt" baselines, and the planner's ilp,
+greedy and dp (chains only) solvers at budgets from 100% of the unplanned peak down to the smallest
+feasible peak + 2%. torch.compile with activation_memory_budget runs in a subprocess (see
+bench.baselines_compile). Every method is measured by planner.measure: the median of 5 timed steps
+after one warm-up step, and the peak of one more. Writes RESULTS.md, results.json and
+tradeoff_<scenario>.png next to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+import planner
+from bench import baselines_compile_runner, baselines_report
+from planner.planning import InfeasibleBudget
+from planner.scenario import list_scenarios, load_scenario
+from solvers import build_problem
+from solvers.ilp import min_peak
+
+STEPS = 5
+QUICK_SCENARIOS = ("resnet", "vgg")
+COMPILE_BUDGETS = (0.5, 0.1)
+SOLVERS = ("ilp", "greedy", "dp")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured method; bytes and ms, `budget_bytes` None where the method takes no budget."""
+
+    method: str
+    budget_bytes: int | None
+    peak_bytes: int | None
+    step_ms: float | None
+    predicted_peak_bytes: int | None = None
+    predicted_overhead_ms: float | None = None
+    note: str = ""
+
+
+@contextmanager
+def checkpoint_every_unit(model: nn.Module, graph) -> Iterator[None]:
+    """torch.utils.checkpoint around each unit's module (outermost ones, not in-place ones)."""
+    names = {u.name for u in graph.units if u.name and not u.mutates_inputs}
+    names = {n for n in names if not any(n.startswith(o + ".") for o in names)}
+    modules = dict(model.named_modules())
+    originals = {n: modules[n].forward for n in names}
+    for n, orig in originals.items():
+        modules[n].forward = _checkpointed(orig)
+    try:
+        yield
+    finally:
+        for n in names:
+            del modules[n].forward  # the instance attribute; the class's forward shows again
+
+
+def _checkpointed(orig):
+    def forward(*args, **kwargs):
+        return checkpoint(orig, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
+def sequential_body(model: nn.Module) -> tuple[str, nn.Sequential] | None:
+    """The model itself when it is an nn.Sequential, else its largest nn.Sequential child (>= 4 layers)."""
+    if isinstance(model, nn.Sequential):
+        return "", model
+    children = [(n, m) for n, m in model.named_children() if isinstance(m, nn.Sequential) and len(m) >= 4]
+    return max(children, key=lambda c: len(c[1]), default=None)
+
+
+@contextmanager
+def checkpoint_sqrt_segments(body: nn.Sequential) -> Iterator[None]:
+    """checkpoint_sequential over `body` in round(sqrt(n)) segments."""
+    segments = max(1, round(math.sqrt(len(body))))
+    body.forward = lambda x: checkpoint_sequential(body, segments, x, use_reentrant=False)
+    try:
+        yield
+    finally:
+        del body.forward
+
+
+class Scenario:
+    """One built workload with its profile; measures methods against it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.work = load_scenario(name).build("small", "cpu")
+        w = self.work
+        self.graph = planner.profile(w.model, w.batch, loss_fn=w.loss_closure(), optimizer=w.optimizer,
+                                     autocast_dtype=w.autocast_dtype)
+        self.unplanned_bytes = planner.simulate(self.graph).peak_bytes
+        self.smallest_bytes = int(min_peak(build_problem(self.graph, 0), 10.0)[0])
+        self.chain = build_problem(self.graph, 0).chain
+
+    def measure(self):
+        w = self.work
+        return planner.measure(w.model, w.batch, loss_fn=w.loss_closure(), optimizer=w.optimizer,
+                               autocast_dtype=w.autocast_dtype, steps=STEPS, warmup=1)
+
+    def budgets(self, quick: bool) -> list[int]:
+        """100% of the unplanned peak, then 90%, 80%, ... above the smallest, and the smallest + 2%."""
+        low = int(self.smallest_bytes * 1.02)
+        if quick:
+            return [self.unplanned_bytes, low]
+        shares = [s / 10 for s in range(10, 0, -1) if s / 10 * self.unplanned_bytes > low * 1.03]
+        return [int(s * self.unplanned_bytes) for s in shares] + [low]
+
+
+def run_scenario(name: str, quick: bool, compile_note: str, log) -> dict:
+    began = time.perf_counter()
+    s = Scenario(name)
+    log(f"{name}: {len(s.graph.units)} units, unplanned {s.unplanned_bytes / 2**20:.1f} MiB, "
+        f"smallest {s.smallest_bytes / 2**20:.1f} MiB, chain={s.chain}")
+    ref = s.measure()
+    rows = [Row("no checkpointing", None, ref.peak_bytes, ref.step_ms, s.unplanned_bytes, 0.0)]
+    with checkpoint_every_unit(s.work.model, s.graph):
+        m = s.measure()
+    rows.append(Row("checkpoint every unit", None, m.peak_bytes, m.step_ms))
+    body = sequential_body(s.work.model)
+    if body is None:
+        rows.append(Row("checkpoint_sequential sqrt(n)", None, None, None, note="n/a (not sequential)"))
+    else:
+        with checkpoint_sqrt_segments(body[1]):
+            m = s.measure()
+        rows.append(Row("checkpoint_sequential sqrt(n)", None, m.peak_bytes, m.step_ms,
+                        note=f"on {body[0] or 'the model'}, {len(body[1])} layers"))
+    log(f"{name}: baselines done ({time.perf_counter() - began:.0f} s)")
+    rows += planner_rows(s, quick, ref, log)
+    if compile_note:
+        rows += [Row(f"torch.compile, activation_memory_budget={b:g}", None, None, None, note=compile_note)
+                 for b in COMPILE_BUDGETS]
+    else:
+        rows += baselines_compile_runner.compile_rows(name, COMPILE_BUDGETS, ref, Row, log)
+    return {"scenario": name, "units": len(s.graph.units), "chain": s.chain,
+            "unplanned_bytes": s.unplanned_bytes, "smallest_bytes": s.smallest_bytes,
+            "reference_step_ms": ref.step_ms, "seconds": time.perf_counter() - began,
+            "rows": [asdict(r) for r in rows]}
+
+
+def planner_rows(s: Scenario, quick: bool, ref, log) -> list[Row]:
+    """The planner's baselines (once, with no budget) and its solvers at each budget; equal plans measured once."""
+    measured: dict[tuple, tuple[float, int]] = {}
+    rows = []
+    jobs = [(f"planner: {b} (baseline)", b, None) for b in ("all", "sqrt")]
+    solvers = [x for x in SOLVERS if x != "dp" or s.chain]
+    jobs += [(f"planner: {x}", x, b) for b in s.budgets(quick) for x in solvers]
+    for label, solver, budget in jobs:
+        try:
+            plan = planner.plan(s.graph, budget if budget is not None else 10 * s.unplanned_bytes, solver=solver)
+        except InfeasibleBudget as e:
+            rows.append(Row(label, budget, None, None, note=f"infeasible (smallest {e.smallest_bytes} B)"))
+            continue
+        key = plan.choices
+        if key not in measured:
+            if plan.predicted_overhead_ms == 0 and plan.predicted_peak_bytes == s.unplanned_bytes:
+                measured[key] = (ref.step_ms, ref.peak_bytes)
+            else:
+                with planner.apply(s.work.model, plan):
+                    m = s.measure()
+                measured[key] = (m.step_ms, m.peak_bytes)
+        step_ms, peak = measured[key]
+        rows.append(Row(label, budget, peak, step_ms, plan.predicted_peak_bytes, plan.predicted_overhead_ms,
+                        note=f"{plan.status.name.lower()}, solved in {plan.solve_s:.2f} s"))
+        log(f"{s.name}: {label} @ {budget} -> {peak} B, {step_ms:.0f} ms")
+    return rows
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "python": sys.version.split()[0]}
+
+
+def _compile_skip_note(report: dict) -> str:
+    """Non-empty once torch.compile has timed out on an earlier scenario: later ones are not tried."""
+    for scenario in report["scenarios"]:
+        for r in scenario["rows"]:
+            if r["method"].startswith("torch.compile") and "did not compile" in r["note"]:
+                return f"n/a (skipped: {scenario['scenario']} did not compile within the time limit)"
+    return ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_SCENARIOS)}, 2 budgets, no compile")
+    parser.add_argument("--scenarios", help="comma-separated scenario names (default: every zoo scenario)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"), help="markdown file to write")
+    parser.add_argument("--deadline-min", type=float, default=18.0, help="skip scenarios not started by then")
+    args = parser.parse_args()
+    zoo = [n for n in list_scenarios() if n != "gpt7b"]
+    names = args.scenarios.split(",") if args.scenarios else (list(QUICK_SCENARIOS) if args.quick else zoo)
+    unknown = sorted(set(names) - set(zoo))
+    if unknown:
+        raise ValueError(f"unknown scenarios {unknown}; choose from {', '.join(zoo)}")
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f} s] {msg}", flush=True)
+
+    report = {"command": "python -m bench.baselines " + shlex.join(sys.argv[1:]), "machine": machine(),
+              "steps": STEPS, "scenarios": [], "skipped": []}
+    for name in names:
+        if time.perf_counter() - start > args.deadline_min * 60:
+            report["skipped"].append(name)
+            log(f"{name}: skipped (past the {args.deadline_min:g} min deadline)")
+            continue
+        compile_note = "skipped (--quick)" if args.quick else _compile_skip_note(report)
+        report["scenarios"].append(run_scenario(name, args.quick, compile_note, log))
+        baselines_report.write(report, args.out)  # after each scenario, so a cut-off run keeps what it did
+    report["seconds"] = time.perf_counter() - start
+    baselines_report.write(report, args.out)
+    log(f"done; wrote {args.out}, {args.out.with_name('results.json')} and tradeoff_*.png")
+
+
+if __name__ == "__main__":
+    main()

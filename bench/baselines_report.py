@@ -1,0 +1,90 @@
+"""Writes bench.baselines results: a markdown table per scenario, results.json and a trade-off plot per scenario."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.1f}"
+
+
+def _rows_md(scenario: dict) -> list[str]:
+    ref_ms, unplanned = scenario["reference_step_ms"], scenario["unplanned_bytes"]
+    lines = [
+        f"### {scenario['scenario']}",
+        "",
+        f"{scenario['units']} units, chain: {scenario['chain']}; unplanned peak {_mib(unplanned)} MiB, smallest "
+        f"feasible {_mib(scenario['smallest_bytes'])} MiB; no-checkpointing step {ref_ms:.0f} ms; "
+        f"{scenario['seconds']:.0f} s to run.",
+        "",
+        "| method | budget MiB (%) | measured peak MiB (%) | step time × | predicted peak MiB | predicted overhead | held | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in scenario["rows"]:
+        budget = "—" if r["budget_bytes"] is None else f"{_mib(r['budget_bytes'])} ({100 * r['budget_bytes'] / unplanned:.0f}%)"
+        peak = "—" if r["peak_bytes"] is None else f"{_mib(r['peak_bytes'])} ({100 * r['peak_bytes'] / unplanned:.0f}%)"
+        rel = "—" if r["step_ms"] is None else f"{r['step_ms'] / ref_ms:.2f}"
+        over = "—" if r["predicted_overhead_ms"] is None else f"{100 * r['predicted_overhead_ms'] / ref_ms:+.0f}%"
+        held = "—" if r["budget_bytes"] is None or r["peak_bytes"] is None else (
+            "yes" if r["peak_bytes"] <= r["budget_bytes"] else "**no**")
+        lines.append(f"| {r['method']} | {budget} | {peak} | {rel} | {_mib(r['predicted_peak_bytes'])} | {over} | "
+                     f"{held} | {r['note']} |")
+    return lines + [""]
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        "# Baselines: the planner against what a user would otherwise pick",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {m['nproc']} CPUs, {m['cpu']}; torch {m['torch']}, Python {m['python']}. Each method: median of "
+        f"{report['steps']} timed steps after 1 warm-up, peak of one more step (live tensor storages; torch.compile "
+        "rows from the process high-water mark). Step time × is relative to no checkpointing in the same run; "
+        "predicted overhead is relative to the measured no-checkpointing step. Held: measured peak <= budget.",
+        "",
+    ]
+    for scenario in report["scenarios"]:
+        lines += _rows_md(scenario)
+    if report.get("skipped"):
+        lines.append(f"Skipped (time limit): {', '.join(report['skipped'])}")
+    if "seconds" in report:
+        lines.append(f"Total: {report['seconds']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(scenario: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref_ms = scenario["reference_step_ms"]
+    methods: dict[str, list[tuple[float, float]]] = {}
+    for r in scenario["rows"]:
+        if r["peak_bytes"] is not None and r["step_ms"] is not None:
+            methods.setdefault(r["method"], []).append((r["peak_bytes"] / 2**20, r["step_ms"] / ref_ms))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = "os^vD<>pXh*"
+    for i, (method, points) in enumerate(methods.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)],
+                linestyle="-" if len(points) > 1 else "none", label=method)
+    ax.set_xlabel("measured peak (MiB)")
+    ax.set_ylabel("step time relative to no checkpointing")
+    ax.set_title(f"{scenario['scenario']} (small): overhead against peak")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(report: dict, out: Path) -> None:
+    out.write_text(markdown(report))
+    out.with_name("results.json").write_text(json.dumps(report, indent=1) + "\n")
+    for scenario in report["scenarios"]:
+        plot(scenario, out.with_name(f"tradeoff_{scenario['scenario']}.png"))

@@ -1,0 +1,296 @@
+"""A chain problem as the dynamic programme (`solvers.dp`) sees it: steps, thresholds, tracked items.
+
+A plan on a chain cuts the units into steps, each keeping unit a or taking an
+option [a..b]. Each memory constraint (an *item*: a row, or the replay of an
+option) is checked on the step covering unit `check`: as a threshold on S, the
+freeing bytes of the options chosen before that step, when every earlier
+option frees exactly its freeing bytes there; or, when not, on its own freed
+sum, tracked from the step covering unit `init`. Bytes, ms, rows and ticks as
+in `solvers.arrays`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from solvers import arrays
+from solvers.arrays import Arrays, Cover
+from solvers.problem import Problem
+
+BIG = np.iinfo(np.int64).max // 4  # a tracked sum that no longer constrains anything
+KEEP = -1  # the step that keeps a unit
+
+
+@dataclass
+class Item:
+    """A constraint freed >= need checked on the step covering unit `check`, tracked in V after `init`."""
+
+    need: int
+    x: int  # row index (rows) or tick (replays): where the freed bytes are counted
+    init: int
+    check: int
+    option: int = KEEP  # replays: only checked when this option is chosen
+    cover: Cover | None = None
+    rows: bool = True  # x is a row (else a tick)
+    least: int = 0  # bytes every option holding some at x holds there together (<= 0): later steps add no less
+
+
+@dataclass
+class Model:
+    n_units: int
+    steps: list[tuple[np.ndarray, ...]]  # per unit a: option (KEEP first), last unit, cost, total, threshold
+    tracked: list[Item]
+    live: list[list[int]]  # per boundary: the tracked items in V, in key order
+    checked_at: list[list[int]]  # per unit: tracked items checked on the step covering it
+    cap: np.ndarray  # per boundary: the most S any later check can use
+    option_first: np.ndarray
+    row_cap: np.ndarray  # per boundary: the most bytes a row checked later needs freed (S must reach it)
+    bound: LowerBound
+    live_sets: list[set[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.live_sets = [set(items) for items in self.live]
+        self.free_keys = [(BIG,) * len(items) for items in self.live]
+
+    def relevant(self, a: int) -> tuple[dict[int, int], np.ndarray, np.ndarray]:
+        """Tracked items that a step from boundary a reads, checks or carries; what each step frees
+        where each is counted [items, steps]; whether each is live after each step [items, steps]."""
+        opt, end = self.steps[a][0], self.steps[a][1]
+        items = set(self.live[a]) | {i for b in np.unique(end).tolist() for i in self.live[b + 1]}
+        items |= {i for p in range(a, int(end.max()) + 1) for i in self.checked_at[p]}
+        items = sorted(items)
+        freed = np.zeros((len(items), len(opt)), dtype=np.int64)
+        after = np.zeros((len(items), len(opt)), dtype=bool)
+        if not items:
+            return {}, freed, after
+        for cover in {id(self.tracked[i].cover): self.tracked[i].cover for i in items}.values():
+            rows = [r for r, i in enumerate(items) if self.tracked[i].cover is cover]
+            x = np.array([self.tracked[items[r]].x for r in rows])
+            freed[rows] = cover.at(np.broadcast_to(np.maximum(opt, 0), (len(rows), len(opt))), x[:, None])
+        freed[:, opt == KEEP] = 0
+        for r, i in enumerate(items):
+            after[r] = [i in self.live_sets[b + 1] for b in end.tolist()]
+        return {i: r for r, i in enumerate(items)}, freed, after
+
+
+
+
+def model_of(problem: Problem, arr: Arrays) -> Model | None:
+    """Items, thresholds and steps; None when some row needs freeing that no option does."""
+    n = problem.n_units
+    first, last = arr.option_first_unit, arr.option_last_unit
+    rows_cover, tick_cover = arrays.row_cover(arr), arrays.tick_cover(arr)
+    # rows that the budget constrains
+    row_need = arr.row_peak - problem.budget_bytes
+    rows = np.flatnonzero(row_need > arrays.freed_range(arr)[0])  # held bytes may push a row over too
+    row_b, row_e = _bounds(arr, arr.entry_row_lo, arr.entry_row_hi, rows)
+    if (row_b < 0).any():
+        return None
+    row_init = np.minimum(row_e, row_b)
+    # replays that the budget constrains, when their option is chosen
+    replay_need = arr.option_replay_need - problem.budget_bytes
+    reps = np.flatnonzero(replay_need > arrays.least_at(arr, arr.option_back))
+    ticks = arr.option_back[reps]
+    rep_b, rep_e = _bounds(arr, arr.entry_death + 1, arr.entry_back, ticks)
+    rep_check = np.where(rep_b > last[reps], rep_b, first[reps])
+    rep_init = np.minimum(rep_e, first[reps])
+    # regular items become thresholds on S, the others are tracked
+    thr = np.full(arr.n_options, np.iinfo(np.int64).min // 4, dtype=np.int64)
+    reg = row_init == row_b
+    _row_thresholds(thr, arr, rows_cover, rows[reg], row_need[rows[reg]], row_b[reg], first, last)
+    rreg = rep_init == rep_check
+    self_freed = tick_cover.at(reps[rreg], ticks[rreg])
+    np.maximum.at(thr, reps[rreg], replay_need[reps[rreg]] - self_freed)
+    keep_thr = np.full(n, np.iinfo(np.int64).min // 4, dtype=np.int64)
+    np.maximum.at(keep_thr, row_b[reg], row_need[rows[reg]])
+    tracked = [
+        Item(int(row_need[k]), int(k), int(i), int(c), KEEP, rows_cover)
+        for k, i, c in zip(rows[~reg], row_init[~reg], row_b[~reg])
+    ] + [
+        Item(int(replay_need[o]), int(t), int(i), int(c), int(o), tick_cover, rows=False)
+        for o, t, i, c in zip(reps[~rreg], ticks[~rreg], rep_init[~rreg], rep_check[~rreg])
+    ]
+    live, inside = _live(n, tracked)
+    steps = _steps(n, arr, thr, keep_thr)
+    least = np.zeros(len(tracked), dtype=np.int64)  # held bytes of every option holding some where counted
+    is_row = np.array([item.rows for item in tracked], dtype=bool)
+    x = np.array([item.x for item in tracked], dtype=np.int64)
+    if len(tracked):
+        least[is_row] = arrays.freed_range(arr)[0][x[is_row]]
+        least[~is_row] = arrays.least_at(arr, x[~is_row])
+    cap = np.maximum(
+        _cap(n, np.arange(n), np.array([step[4].max() for step in steps])),  # S above every later threshold
+        _cap(n, np.array([i.init for i in tracked], dtype=np.int64), np.array([i.need for i in tracked]) - least),
+    )
+    for item, low in zip(tracked, least):
+        item.least = int(low)
+    row_cap = _cap(n, row_b, row_need[rows]).astype(np.float64)
+    return Model(n, steps, tracked, live, inside, cap, first, row_cap, LowerBound.of(arr, n))
+
+
+def _bounds(arr: Arrays, lo: np.ndarray, hi: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query x: B, the largest first unit of an option freeing bytes at x (-1 if none), and E, the
+    smallest last unit of an option freeing only part of its bytes there (n_units if none).
+
+    Entry e of an option frees its bytes at x when lo[e] <= x <= hi[e].
+    """
+    opt, first, last = arr.entry_option, arr.option_first_unit, arr.option_last_unit
+    # B: sweep the sorted queries over each option's entries grouped by hi (nested, so one interval each)
+    valid = lo <= hi
+    span = int(hi.max(initial=0)) + 2
+    groups, where = np.unique(opt[valid] * span + hi[valid], return_inverse=True)
+    g_lo = np.full(len(groups), np.iinfo(np.int64).max)
+    np.minimum.at(g_lo, where.ravel(), lo[valid])
+    b = arrays.max_covering(queries, g_lo, groups % span, first[groups // span])
+    # E: an option frees exactly its freeing bytes at x when all of them cover x (max lo <= x <= min hi)
+    # and none of its held bytes do
+    n = arr.n_options
+    freeing, held = arr.entry_bytes > 0, arr.entry_bytes < 0
+    all_lo, all_hi = np.full(n, np.iinfo(np.int64).min), np.full(n, np.iinfo(np.int64).max)
+    np.maximum.at(all_lo, opt[freeing], lo[freeing])
+    np.minimum.at(all_hi, opt[freeing], hi[freeing])
+    has = arr.option_freeing > 0
+    e = np.minimum(
+        _min_where_above(all_lo[has], last[has], queries), _min_where_below(all_hi[has], last[has], queries)
+    )
+    holding = held & valid
+    big = np.iinfo(np.int64).max // 4
+    e = np.minimum(e, -arrays.max_covering(queries, lo[holding], hi[holding], -last[opt[holding]], none=-big))
+    return b, e
+
+
+def _min_where_above(threshold: np.ndarray, value: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """min value[j] over threshold[j] > x, per x (large if none)."""
+    order = np.argsort(threshold, kind="stable")
+    t, v = threshold[order], value[order]
+    suffix = np.minimum.accumulate(np.concatenate([v, [np.iinfo(np.int64).max // 4]])[::-1])[::-1]
+    return suffix[np.searchsorted(t, x, side="right")]
+
+
+def _min_where_below(threshold: np.ndarray, value: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """min value[j] over threshold[j] < x, per x (large if none)."""
+    order = np.argsort(threshold, kind="stable")
+    t, v = threshold[order], value[order]
+    prefix = np.minimum.accumulate(np.concatenate([[np.iinfo(np.int64).max // 4], v]))
+    return prefix[np.searchsorted(t, x, side="left")]
+
+
+def _row_thresholds(thr, arr, cover, rows, need, check, first, last) -> None:
+    """thr[o] >= need_k - freed_o(k) for each regular row k checked on a unit that o covers."""
+    order = np.argsort(check, kind="stable")
+    rows, need, check = rows[order], need[order], check[order]
+    lo = np.searchsorted(check, first, side="left")
+    hi = np.searchsorted(check, last, side="right")
+    count = np.maximum(hi - lo, 0)
+    pair_opt = np.repeat(np.arange(arr.n_options), count)
+    pair_item = np.repeat(lo, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    np.maximum.at(thr, pair_opt, need[pair_item] - cover.at(pair_opt, rows[pair_item]))
+
+
+def _live(n: int, tracked: list[Item]) -> tuple[list[list[int]], list[list[int]]]:
+    live: list[list[int]] = [[] for _ in range(n + 1)]
+    inside: list[list[int]] = [[] for _ in range(n)]
+    for i, item in enumerate(tracked):
+        for a in range(item.init + 1, item.check + 1):
+            live[a].append(i)
+        inside[item.check].append(i)
+    return live, inside
+
+
+def _cap(n: int, check: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """cap[a]: the largest need checked at unit a or later (S beyond it changes nothing)."""
+    cap = np.zeros(n + 2, dtype=np.int64)
+    np.maximum.at(cap, check, need)
+    return np.maximum.accumulate(cap[::-1])[::-1][: n + 1]
+
+
+def _steps(n: int, arr: Arrays, thr: np.ndarray, keep_thr: np.ndarray):
+    order = np.lexsort((arr.option_last_unit, arr.option_first_unit))
+    starts = np.searchsorted(arr.option_first_unit[order], np.arange(n + 1))
+    steps = []
+    for a in range(n):
+        o = order[starts[a] : starts[a + 1]]
+        steps.append(
+            (
+                np.concatenate([[KEEP], o]),
+                np.concatenate([[a], arr.option_last_unit[o]]),
+                np.concatenate([[0.0], arr.option_cost_ms[o]]),
+                np.concatenate([[0], arr.option_freeing[o]]),
+                np.concatenate([[keep_thr[a]], thr[o]]),
+            )
+        )
+    return steps
+
+
+# ---------------------------------------------------------------- a lower bound on the cost still to pay
+
+
+def _unit_shares(arr: Arrays, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each option split evenly over its units; per unit the concave hull of (ms, bytes) of its shares:
+    bytes it frees at no cost, and the hull's segments (unit, bytes, ms) in order of falling bytes per ms."""
+    first, length = arr.option_first_unit, arr.option_last_unit - arr.option_first_unit + 1
+    o = np.flatnonzero(arr.option_freeing > 0)
+    span = length[o]
+    unit = np.repeat(first[o], span) + np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span)
+    nbytes = np.repeat(arr.option_freeing[o] / span, span)
+    ms = np.repeat(arr.option_cost_ms[o] / span, span)
+    order = np.lexsort((-nbytes, ms, unit))
+    unit, nbytes, ms = unit[order], nbytes[order], ms[order]
+    # only shares freeing more than every cheaper share of their unit can be on its hull
+    lifted = unit * (float(nbytes.max(initial=0.0)) + 1.0) + nbytes
+    best_before = np.concatenate([[-1.0], np.maximum.accumulate(lifted)[:-1]])
+    useful = (lifted > best_before) | (ms <= 0.0)
+    unit, nbytes, ms = unit[useful], nbytes[useful].tolist(), ms[useful].tolist()
+    starts = np.searchsorted(unit, np.arange(n + 1)).tolist()
+    free = np.zeros(n)
+    segments: list[tuple[int, float, float]] = []
+    for u in range(n):
+        hull = [(0.0, 0.0)]
+        for c, b in zip(ms[starts[u] : starts[u + 1]], nbytes[starts[u] : starts[u + 1]]):
+            if c <= 0.0:
+                hull[0] = (0.0, max(hull[0][1], b))
+                continue
+            if b <= hull[-1][1]:
+                continue
+            while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (c - hull[-2][0]) <= (b - hull[-2][1]) * (
+                hull[-1][0] - hull[-2][0]
+            ):
+                hull.pop()
+            hull.append((c, b))
+        free[u] = hull[0][1]
+        segments += [(u, b2 - b1, c2 - c1) for (c1, b1), (c2, b2) in zip(hull, hull[1:])]
+    seg = np.array(segments, dtype=np.float64).reshape(-1, 3)
+    order = np.argsort(-(seg[:, 1] / seg[:, 2]), kind="stable")
+    return free, seg[order, 0].astype(np.int64), seg[order, 1], seg[order, 2]
+
+
+@dataclass
+class LowerBound:
+    """ms any plan still pays from boundary a to free `need` more bytes in all: every unit >= a takes
+    a convex mix of its shares (a relaxation of choosing one option per unit)."""
+
+    every: int
+    tables: list[tuple[float, np.ndarray, np.ndarray]]  # per checkpoint: free bytes, cumulative bytes and ms
+
+    @classmethod
+    def of(cls, arr: Arrays, n: int, checkpoints: int = 256) -> LowerBound:
+        free, unit, nbytes, ms = _unit_shares(arr, n)
+        every = max(1, -(-n // checkpoints))
+        tables = []
+        for a in range(0, n + 1, every):
+            m = unit >= a
+            tables.append((float(free[a:].sum()), np.concatenate([[0.0], np.cumsum(nbytes[m])]),
+                           np.concatenate([[0.0], np.cumsum(ms[m])])))
+        return cls(every, tables)
+
+    def __call__(self, a: int, need: np.ndarray) -> np.ndarray:
+        free, nbytes, ms = self.tables[a // self.every]  # a checkpoint at or before a: more units, no more ms
+        rest = need - free
+        if len(nbytes) == 1:
+            return np.where(rest <= 0, 0.0, np.inf)
+        j = np.clip(np.searchsorted(nbytes, rest, side="left"), 1, len(nbytes) - 1)
+        step = np.maximum(nbytes[j] - nbytes[j - 1], 1e-300)
+        ms_needed = ms[j - 1] + (rest - nbytes[j - 1]) * (ms[j] - ms[j - 1]) / step
+        return np.where(rest <= 0, 0.0, np.where(rest > nbytes[-1], np.inf, ms_needed))

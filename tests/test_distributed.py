@@ -1,0 +1,184 @@
+"""Plans under DistributedDataParallel and FSDP2, two CPU ranks over gloo on 127.0.0.1.
+
+Every rank gets the same gradients with the plan as without it, measures a peak within 5% of
+its own prediction and under the budget, and the launcher never hangs nor leaves a process or
+a port behind, whatever a rank does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+import planner
+from planner.distributed import (
+    SHARDINGS,
+    RankFailed,
+    RankJob,
+    RemoteTraceback,
+    estimate_rank_graph,
+    launch,
+    measure_rank,
+    plan_ranks,
+    profile_rank,
+    rank_workload,
+)
+from planner.planning import InfeasibleBudget
+from planner.scenario import load_scenario
+from planner.simulator import simulate
+
+WORLD_SIZE = 2
+CASES = [(name, sharding) for name in ("gpt", "resnet") for sharding in SHARDINGS]
+BUDGET = "60%"  # of a rank's unplanned peak: needs recompute or offload
+STEPS = 2
+ESTIMATE_TOLERANCE = 0.10  # the estimate without the engine, against the rank's own profile
+
+
+def step_args(w) -> dict:
+    return {"loss_fn": w.loss_closure(), "optimizer": w.optimizer, "autocast_dtype": w.autocast_dtype}
+
+
+def train(job: RankJob, rank: int, plan=None) -> list[list[torch.Tensor]]:
+    """This rank's gradients (its shards under FSDP2) at each of STEPS steps, under a plan or not."""
+    w, wrapped = rank_workload(job, rank)
+    torch.manual_seed(0)  # dropout
+    grads = []
+    with planner.apply(wrapped.module, plan) if plan is not None else contextlib.nullcontext():
+        for _ in range(STEPS):
+            w.loss_fn(wrapped.module(*w.inputs, **w.kwargs), w.target).backward()
+            grads.append([local(p.grad).clone() for p in w.model.parameters()])
+            w.optimizer.step()
+            w.optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def rank_plan(graph):
+    try:
+        return plan_ranks(graph, BUDGET)
+    except InfeasibleBudget as err:  # every rank gets it
+        return plan_ranks(graph, int(err.smallest_bytes * 1.1))
+
+
+def check_cases(rank: int, world_size: int, cases: list) -> dict:
+    """Each case on this rank: the plan's prediction and measurement, gradients, the estimate."""
+    results = {}
+    for name, sharding in cases:
+        job = RankJob(name, sharding)
+        w, wrapped = rank_workload(job, rank)
+        graph = profile_rank(wrapped, w.batch, **step_args(w))
+        plan = rank_plan(graph)
+        with planner.apply(wrapped.module, plan):
+            measured = measure_rank(wrapped, w.batch, steps=1, **step_args(w)).peak_bytes
+        reference, planned = train(job, rank), train(job, rank, plan)
+        alone = load_scenario(name).build(seed=rank)  # the same model and batch in one process
+        alone_graph = planner.profile(alone.model, alone.batch, **step_args(alone))
+        estimate = estimate_rank_graph(alone_graph, world_size, sharding, alone.model)
+        results[(name, sharding)] = {
+            "budget": plan.budget_bytes,
+            "choices": len(plan.choices),
+            "predicted": simulate(graph, plan.choices).peak_bytes,
+            "measured": measured,
+            "same_grads": all(torch.equal(a, b) for ga, gb in zip(reference, planned) for a, b in zip(ga, gb)),
+            "profiled_unplanned": simulate(graph).peak_bytes,
+            "estimated_unplanned": simulate(estimate).peak_bytes,
+        }
+    return results
+
+
+@pytest.fixture(scope="module")
+def ranks() -> dict:
+    """Every case on both ranks in one launch: case -> one result per rank."""
+    per_rank = launch(check_cases, WORLD_SIZE, timeout_s=300, args=(CASES,))
+    assert not multiprocessing.active_children()
+    return {case: [r[case] for r in per_rank] for case in CASES}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(case))
+def test_plan_keeps_gradients_and_every_rank_under_budget(ranks, case):
+    for rank, r in enumerate(ranks[case]):
+        assert r["choices"] > 0, "the budget should need recompute or offload"
+        assert r["same_grads"], f"rank {rank}: gradients differ under the plan"
+        assert r["measured"] <= r["budget"], (rank, r)
+        assert abs(r["measured"] - r["predicted"]) <= 0.05 * r["measured"], (rank, r)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(case))
+def test_estimate_without_the_engine_is_close_to_the_rank_profile(ranks, case):
+    for r in ranks[case]:
+        profiled = r["profiled_unplanned"]
+        assert abs(r["estimated_unplanned"] - profiled) <= ESTIMATE_TOLERANCE * profiled, r
+
+
+def fail_on_last_rank(rank: int, world_size: int) -> int:
+    if rank == world_size - 1:
+        raise ValueError(f"no luck on rank {rank}")
+    dist.barrier()  # would wait forever for the failed rank
+    return rank
+
+
+def die_on_last_rank(rank: int, world_size: int) -> None:
+    if rank == world_size - 1:
+        os._exit(3)
+    dist.barrier()
+
+
+def sleep(rank: int, world_size: int) -> None:
+    time.sleep(600)
+
+
+def report_rank(rank: int, world_size: int) -> tuple[int, int, str]:
+    t = torch.tensor([rank + 1])
+    dist.all_reduce(t)
+    return rank, int(t), os.environ["MASTER_PORT"]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", int(port)))
+        except OSError:
+            return False
+    return True
+
+
+def test_launch_returns_results_by_rank_and_frees_its_port():
+    results = launch(report_rank, WORLD_SIZE, timeout_s=60)
+    assert [r[:2] for r in results] == [(0, 3), (1, 3)]
+    assert port_is_free(results[0][2])
+    assert not multiprocessing.active_children()
+
+
+def test_a_failing_rank_raises_its_error_quickly():
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="no luck on rank 1") as err:
+        launch(fail_on_last_rank, WORLD_SIZE, timeout_s=120)
+    assert time.monotonic() - start < 60
+    assert isinstance(err.value.__cause__, RemoteTraceback)
+    assert "fail_on_last_rank" in str(err.value.__cause__)  # the rank's own traceback
+    assert not multiprocessing.active_children()
+
+
+def test_a_rank_that_dies_silently_is_named():
+    with pytest.raises(RankFailed, match="rank 1 of 2 exited with status 3"):
+        launch(die_on_last_rank, WORLD_SIZE, timeout_s=120)
+    assert not multiprocessing.active_children()
+
+
+def test_a_hung_run_stops_at_the_timeout():
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not finish within 5 s"):
+        launch(sleep, WORLD_SIZE, timeout_s=5)
+    assert time.monotonic() - start < 30
+    assert not multiprocessing.active_children()
