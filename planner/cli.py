@@ -5,7 +5,7 @@
     planner profile resnet --variant full --device fake
     planner profile my_scenario.yaml --units "layer*.*" --batch-size 16
     planner compare gpt --gpus a100-40gb,rtx4090,t4 --max-batch --export gpus.json --plot gpus.png
-    planner train gpt --world-size 2 --sharding fsdp --budget 60%
+    planner train gpt --world-size 2 --sharding fsdp --budget 60% --batch-size 16
 
 A command is one `cmd_*` function taking the parsed arguments and a console and returning the
 exit status, plus one block in `build_parser`. Mistakes in what the user asked for (a
@@ -206,9 +206,9 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
             check_suffix(path, suffixes)
     ranks = _parallel(args)
     if ranks is not None:
-        from planner.distributed import launch, plan_rank
+        from planner.distributed import plan_rank, run_job
 
-        plan, graph = launch(plan_rank, ranks[0], args.timeout, args=(_rank_job(args, ranks[1]),))[0]
+        plan, graph = run_job(plan_rank, ranks[0], _rank_job(args, ranks[1]), args.timeout)[0]
     else:
         workload, graph = _profiled(args)
         plan = planner.plan(graph, args.budget, solver=args.solver, time_limit_s=args.time_limit)
@@ -233,10 +233,10 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         raise ValueError("give either --budget (plan now) or --plan FILE (a saved plan)")
     ranks = _parallel(args)
     if ranks is not None:
-        from planner.distributed import launch, train_rank
+        from planner.distributed import run_job, train_rank
         from planner.training import rank_table
 
-        reports = launch(train_rank, ranks[0], args.timeout, args=(_rank_job(args, ranks[1]),))
+        reports = run_job(train_rank, ranks[0], _rank_job(args, ranks[1]), args.timeout)
         console.print(rank_table(reports, *ranks))
         return 0
     workload, graph = _profiled(args)

@@ -1,7 +1,7 @@
 """Plans for data-parallel (DDP) and sharded (FSDP2) training, one process per rank.
 
-    planner train gpt --world-size 2 --sharding fsdp --budget 60%
-    planner plan resnet --world-size 2 --sharding ddp --budget 60% --out plan.yaml
+    planner train gpt --world-size 2 --sharding fsdp --budget 60% --batch-size 16
+    planner plan resnet --world-size 2 --sharding ddp --budget 85% --out plan.yaml
 
     results = launch(fn, world_size=2, timeout_s=300, args=(job,))   # fn(rank, world_size, job) on every rank
 
@@ -127,7 +127,7 @@ class _Ranks:
         if kind == "error":
             self.errors[rank] = tuple(payload)
             return True
-        self.results[rank] = payload[0]
+        self.results[rank] = pickle.loads(payload[0])
         return False
 
     def _silent(self) -> list[int]:
@@ -151,12 +151,13 @@ class _Ranks:
         self._drain()
         first = min(self.errors, key=lambda r: self.errors[r][0], default=None)
         err = None if first is None else _rank_error(first, len(self.procs), *self.errors[first][1:])
-        silent = [r for r, p in enumerate(self.procs) if p.exitcode not in (None, 0) and r not in self.errors]
+        done = self.results.keys() | self.errors.keys()
+        silent = [r for r, p in enumerate(self.procs) if p.exitcode is not None and r not in done]
         if not silent:
             return err
         code = self.procs[silent[0]].exitcode
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        failed = RankFailed(f"rank {silent[0]} of {len(self.procs)} {how} without reporting an error")
+        failed = RankFailed(f"rank {silent[0]} of {len(self.procs)} {how} without reporting an error or a result")
         failed.__cause__ = err
         return failed
 
@@ -183,7 +184,7 @@ def _rank_main(rank: int, setup: tuple, fn: Callable, args: tuple, messages) -> 
         timeout = timedelta(seconds=timeout_s)
         store = dist.TCPStore(HOST, port, is_master=False, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-        messages.put(("done", rank, fn(rank, world_size, *args)))
+        messages.put(("done", rank, pickle.dumps(fn(rank, world_size, *args))))
     except BaseException as err:  # reported to the launching process, which re-raises it
         messages.put(("error", rank, time.time(), _portable(err), traceback.format_exc()))
     finally:
@@ -415,6 +416,11 @@ class RankReport:
     unplanned_step_ms: float
     step_ms: float
     plan: Any = None  # the plan, on rank 0 only
+
+
+def run_job(fn: Callable, world_size: int, job: RankJob, timeout_s: float = 1800.0) -> list:
+    """`launch(fn, world_size, timeout_s, (job,))` over NCCL for a CUDA job, over gloo otherwise."""
+    return launch(fn, world_size, timeout_s, (job,), backend="nccl" if job.device == "cuda" else "gloo")
 
 
 def rank_workload(job: RankJob, rank: int):

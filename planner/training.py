@@ -63,24 +63,23 @@ def _peak(m: Measurement) -> str:
 
 
 def rank_table(reports: list, world_size: int, sharding: str) -> Table:
-    """Each rank's predicted and measured peak under the plan (`planner.distributed.RankReport`s)."""
+    """Each rank's peak under the plan, predicted from its own profile and measured, beside its
+    measured unplanned peak (`planner.distributed.RankReport`s)."""
     plan = reports[0].plan
     table = Table(
-        title=f"{plan.model} on {world_size} ranks ({sharding}) under the plan ({plan.solver}), "
+        title=f"{plan.model}, {world_size} ranks ({sharding}), plan by {plan.solver}, "
         f"budget {format_bytes(plan.budget_bytes)} per rank"
     )
-    for column in ("rank", "unplanned: predicted", "measured", "planned: predicted", "measured", "error", "step time"):
+    for column in ("rank", "unplanned", "predicted", "measured", "error", "budget", "step time"):
         table.add_column(column, justify="right")
     for r in reports:
-        error = 100.0 * (r.measured_bytes / r.predicted_bytes - 1.0)
-        held = "[green]under budget[/]" if r.measured_bytes <= r.budget_bytes else "[red]over budget[/]"
         table.add_row(
             str(r.rank),
-            format_bytes(r.unplanned_predicted_bytes),
             format_bytes(r.unplanned_measured_bytes),
             format_bytes(r.predicted_bytes),
-            f"{format_bytes(r.measured_bytes)} {held}",
-            f"{error:+.2f}%",
-            f"{r.step_ms:.1f} ms ({100.0 * (r.step_ms / r.unplanned_step_ms - 1.0):+.0f}%)",
+            format_bytes(r.measured_bytes),
+            f"{100.0 * (r.measured_bytes / r.predicted_bytes - 1.0):+.2f}%",
+            "[green]under[/]" if r.measured_bytes <= r.budget_bytes else "[red]over[/]",
+            f"{r.step_ms:.1f} ms",
         )
     return table

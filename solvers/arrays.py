@@ -181,7 +181,6 @@ def peak_bytes(arr: Arrays, chosen: Sequence[int]) -> int:
     return peak
 
 
-
 @dataclass(frozen=True)
 class Cover:
     """Bytes an option frees at a coordinate x, each entry covering `lo <= x <= hi` (rows or ticks).

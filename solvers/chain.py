@@ -39,6 +39,8 @@ class Item:
 
 @dataclass
 class Model:
+    """Everything the scan needs; `free_keys[a]` is the key of states at boundary a with no unmet item."""
+
     n_units: int
     steps: list[tuple[np.ndarray, ...]]  # per unit a: option (KEEP first), last unit, cost, total, threshold
     tracked: list[Item]
@@ -73,8 +75,6 @@ class Model:
         for r, i in enumerate(items):
             after[r] = [i in self.live_sets[b + 1] for b in end.tolist()]
         return {i: r for r, i in enumerate(items)}, freed, after
-
-
 
 
 def model_of(problem: Problem, arr: Arrays) -> Model | None:

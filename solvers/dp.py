@@ -101,16 +101,19 @@ def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
 
 def plan(problem: Problem, arr: Arrays, deadline: float) -> tuple[int, ...] | None:
     """This solver's plan for any problem whose options cover consecutive units, chain or not (a starting
-    point for other solvers); None when it finds none within budget."""
-    return _search(problem, arr, deadline)[0]
+    point for other solvers); None when it finds none within budget or is not done by the deadline."""
+    return _search(problem, arr, deadline, give_up=True)[0]
 
 
-def _search(problem: Problem, arr: Arrays, deadline: float) -> tuple[tuple[int, ...] | None, bool, bool]:
-    """The cheapest plan found, whether a front was thinned, whether the deadline passed."""
+def _search(
+    problem: Problem, arr: Arrays, deadline: float, give_up: bool = False
+) -> tuple[tuple[int, ...] | None, bool, bool]:
+    """The cheapest plan found, whether a front was thinned, whether the deadline passed (past it, the
+    search goes on with small fronts, or stops with no plan if `give_up`)."""
     model = model_of(problem, arr)
     if model is None:
         return None, False, False
-    groups, nodes, thinned, late = _run(model, deadline)
+    groups, nodes, thinned, late = _run(model, deadline, give_up)
     if not groups:
         return None, thinned, late
     best = min(groups, key=lambda g: g.cost[0])
@@ -127,7 +130,7 @@ def _search(problem: Problem, arr: Arrays, deadline: float) -> tuple[tuple[int, 
 # ---------------------------------------------------------------- the scan
 
 
-def _run(model: Model, deadline: float) -> tuple[list[_Group], _Nodes, bool, bool]:
+def _run(model: Model, deadline: float, give_up: bool = False) -> tuple[list[_Group], _Nodes, bool, bool]:
     """Pareto fronts boundary by boundary; the last one's groups, the state tree, whether thinned or late."""
     n = model.n_units
     pending: list[dict] = [{} for _ in range(n + 1)]
@@ -141,6 +144,8 @@ def _run(model: Model, deadline: float) -> tuple[list[_Group], _Nodes, bool, boo
             groups = []
             continue
         late = late or time.perf_counter() > deadline
+        if late and give_up:
+            return [], nodes, thinned, late
         groups, cut = _front(pending[a], nodes, model, a, LATE_STATES if late else MAX_STATES)
         thinned |= cut
         pending[a] = {}

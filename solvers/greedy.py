@@ -66,9 +66,9 @@ def _swap(problem: Problem, arr: Arrays, state: _State) -> list[int] | None:
     """When no compatible option lowers the peak: the plan where one more option replaces the chosen
     ones it overlaps, lowering the peak most per ms added (of SWAP_CANDIDATES freeing most per ms)."""
     peak, chosen = state.peak(), set(state.chosen)
-    cand = np.flatnonzero(~state.usable & (arr.option_total > 0))
+    cand = np.flatnonzero(~state.usable & (arr.option_freeing > 0))
     cand = cand[~np.isin(cand, state.chosen)]
-    ratio = arr.option_total[cand] / np.maximum(arr.option_cost_ms[cand], 1e-12)
+    ratio = arr.option_freeing[cand] / np.maximum(arr.option_cost_ms[cand], 1e-12)
     best, best_score = None, 0.0
     for o in cand[np.argsort(-ratio, kind="stable")[:SWAP_CANDIDATES]].tolist():
         units = set(state.option_units[o])
@@ -106,14 +106,20 @@ def _static(arr: Arrays) -> _Static:
     lo, hi = np.full(n, rows), np.full(n, -1)
     np.minimum.at(lo, opt[nonempty], e_lo[nonempty])
     np.maximum.at(hi, opt[nonempty], e_hi[nonempty])
+    # full rows: covered by every freeing entry and no held one (held rows are listed as partial below)
+    freeing = arr.entry_bytes > 0
     flo, fhi = np.full(n, -1), np.full(n, rows)
-    np.maximum.at(flo, opt, e_lo)
-    np.minimum.at(fhi, opt, e_hi)
+    np.maximum.at(flo, opt[freeing], e_lo[freeing])
+    np.minimum.at(fhi, opt[freeing], e_hi[freeing])
+    f_lo, f_hi = np.full(n, rows), np.full(n, -1)
+    np.minimum.at(f_lo, opt[freeing & nonempty], e_lo[freeing & nonempty])
+    np.maximum.at(f_hi, opt[freeing & nonempty], e_hi[freeing & nonempty])
     has_full = flo <= fhi
-    # partial rows: [lo, flo) and (fhi, hi] when some row is full, else all of [lo, hi]
-    seg_lo = np.concatenate([lo, np.where(has_full, fhi + 1, hi + 1)])
-    seg_hi = np.concatenate([np.where(has_full, flo - 1, hi), hi])
-    seg_opt = np.concatenate([np.arange(n), np.arange(n)])
+    # partial rows: [f_lo, flo) and (fhi, f_hi] when some row is full, else all of [f_lo, f_hi]; held rows
+    held = (arr.entry_bytes < 0) & nonempty
+    seg_lo = np.concatenate([f_lo, np.where(has_full, fhi + 1, f_hi + 1), e_lo[held]])
+    seg_hi = np.concatenate([np.where(has_full, flo - 1, f_hi), f_hi, e_hi[held]])
+    seg_opt = np.concatenate([np.arange(n), np.arange(n), opt[held]])
     length = np.maximum(seg_hi - seg_lo + 1, 0)
     order = np.argsort(seg_opt, kind="stable")
     seg_lo, length, seg_opt = seg_lo[order], length[order], seg_opt[order]
@@ -163,7 +169,7 @@ class _State:
             static,
             arr.row_peak.copy(),
             np.zeros(arr.n_options, dtype=np.int64),
-            arr.option_total > 0,
+            arr.option_freeing > 0,
             [],
             [option.units for option in problem.options],
             {u: np.array(v) for u, v in unit_options.items()},
@@ -226,7 +232,7 @@ class _State:
         count = np.where(flo <= fhi, at_peak[np.clip(fhi + 1, 0, len(eff))] - at_peak[np.clip(flo, 0, len(eff))], 0)
         if not (count > 0).any():
             return None
-        score = count * self.arr.option_total[cand] / np.maximum(cost, 1e-12)
+        score = count * self.arr.option_freeing[cand] / np.maximum(cost, 1e-12)
         return int(cand[np.argmax(score)])
 
     def add(self, o: int) -> None:
@@ -258,7 +264,7 @@ def _estimate(eff: np.ndarray, s: _Static, arr: Arrays, cand: np.ndarray, freed_
     outside = np.where(covered, np.maximum(left, right), prefix[-1])
     has_full = flo <= fhi
     full = np.full(len(cand), NONE, dtype=np.int64)
-    full[has_full] = _range_max(eff, flo[has_full], fhi[has_full]) - arr.option_total[cand[has_full]]
+    full[has_full] = _range_max(eff, flo[has_full], fhi[has_full]) - arr.option_freeing[cand[has_full]]
     partial = np.full(arr.n_options, NONE, dtype=np.int64)
     if len(s.part_option):
         partial[s.part_option] = np.maximum.reduceat(eff[s.part_row] - s.part_bytes, s.part_start)

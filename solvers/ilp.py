@@ -4,7 +4,7 @@
     s.t.  sum_{o ∋ u} y_o <= 1                             every unit u
           F_k = F_j + sum_{e starts in (j, k]} b_e y_o(e) - sum_{e ends in [j, k)} b_e y_o(e)
           peak_k - F_k <= budget                           every row k (j: the row before it in the model)
-          F_{k(o)} + G_o >= (base_o + replay_o - budget) y_o   every option o (its replay, if chosen)
+          F_{k(o)} + G_o - L_o >= (base_o + replay_o - budget - L_o) y_o   every option o (its replay, if chosen)
           y_o ∈ {0, 1}
 
 F_k is what the chosen options free through row k, carried from row to row in
@@ -12,7 +12,9 @@ tick order, so the model has O(entries + rows) nonzeros instead of a term per
 option and row; entry e covers the contiguous rows with death_e < first_k and
 last_k <= back_e. k(o) is the row holding o's back tick and G_o the entries
 that free bytes at that tick but not through the whole row (none when rows
-are cut at every entry's ends, as `build_problem` cuts them). Options sharing
+are cut at every entry's ends, as `build_problem` cuts them); L_o, the bytes
+every option holding some there would hold (<= 0), makes the constraint empty
+when o is not chosen. Options sharing
 k(o) and their last unit (so at most one is chosen) share one replay
 constraint with sum_o need_o y_o on the right. Constraints another row's
 constraint implies are left out, and bytes are divided by the gcd of the
@@ -78,9 +80,11 @@ def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
     mem = _memory(problem, arr, rows, replays)
     for k in rows.tolist():
         mem.model.add(mem.freed[k] >= _ceil_div(int(row_need[k]), mem.scale))
-    for r in replays:
-        needs = [_ceil_div(int(replay_need[o]), mem.scale) for o in r.options]
-        mem.model.add(mem.at_back(arr, r) >= cp_model.LinearExpr.weighted_sum([mem.y[o] for o in r.options], needs))
+    for r in replays:  # at_back - least >= sum_o (need_o - least) y_o: nothing asked when none is chosen
+        least = int(arrays.least_at(arr, arr.option_back[list(r.options[:1])])[0]) // mem.scale
+        needs = [_ceil_div(int(replay_need[o]), mem.scale) - least for o in r.options]
+        chosen = cp_model.LinearExpr.weighted_sum([mem.y[o] for o in r.options], needs)
+        mem.model.add(mem.at_back(arr, r) - least >= chosen)
     # objective
     cost = [round(c * NS_PER_MS) for c in arr.option_cost_ms]
     mem.model.minimize(cp_model.LinearExpr.weighted_sum(mem.y, cost))
@@ -125,10 +129,11 @@ def min_peak(problem: Problem, time_limit_s: float = 10.0) -> tuple[int, tuple[i
     # constraints: M above every row and every chosen replay
     for k in rows.tolist():
         mem.model.add(peak + mem.scale * mem.freed[k] >= int(arr.row_peak[k]))
-    for r in replays:
-        needs = [int(arr.option_replay_need[o]) for o in r.options]
+    for r in replays:  # M + at_back - least >= sum_o (replay_o - least) y_o, in bytes
+        least = int(arrays.least_at(arr, arr.option_back[list(r.options[:1])])[0])
+        needs = [int(arr.option_replay_need[o]) - least for o in r.options]
         chosen = cp_model.LinearExpr.weighted_sum([mem.y[o] for o in r.options], needs)
-        mem.model.add(peak + mem.scale * mem.at_back(arr, r) >= chosen)
+        mem.model.add(peak + mem.scale * mem.at_back(arr, r) - least >= chosen)
     # objective
     mem.model.minimize(peak)
     # hint
@@ -147,13 +152,14 @@ def min_peak(problem: Problem, time_limit_s: float = 10.0) -> tuple[int, tuple[i
 
 
 def _starting_plan(problem: Problem, arr: Arrays, budget_bytes: int, deadline: float) -> tuple[tuple[int, ...], int]:
-    """On large graphs whose options all cover consecutive units, the dynamic programme's plan if it finds
-    one; else greedy's. (On small graphs CP-SAT needs no better start.)"""
-    if problem.n_units > DP_HINT_UNITS and arr.option_is_interval.all():
+    """Greedy's plan; on large graphs whose options all cover consecutive units, the dynamic programme's
+    instead when it is done by the deadline with a cheaper one. (On small graphs CP-SAT needs no help.)"""
+    chosen, peak = greedy.plan(problem, arr, budget_bytes)
+    if problem.n_units > DP_HINT_UNITS and arr.option_is_interval.all() and time.perf_counter() < deadline:
         found = dp.plan(problem, arr, deadline)
-        if found is not None:
-            return found, arrays.peak_bytes(arr, found)
-    return greedy.plan(problem, arr, budget_bytes, deadline)
+        if found is not None and (peak > budget_bytes or problem.overhead_ms(found) < problem.overhead_ms(chosen)):
+            chosen, peak = found, arrays.peak_bytes(arr, found)
+    return chosen, peak
 
 
 # ---------------------------------------------------------------- which constraints the model needs
@@ -192,32 +198,35 @@ def _implied(arr: Arrays, rows: np.ndarray, need: np.ndarray, is_row: np.ndarray
     Row j implies the constraint at row k when need_k <= need_j and every plan frees at least as much
     through k as through j: every entry covering j covers k. For j < k that holds when no entry covering
     j ends before k (the least last row of j's entries is >= k); for j > k when none starts after k.
-    Between rows, ties go to the earlier one, so of equal rows one stays. Only freeing entries count for
-    j (held bytes there only lower F_j); a row where some option holds bytes is never implied.
+    Between rows, ties go to the earlier one, so of equal rows one stays. Held (negative) bytes: those
+    at j only lower F_j; those at k must be held at j too (for j < k, all start at or before j; for
+    j > k, all end at or after j). Only the strongest earlier (later) row is tried.
     """
-    freeing = arr.entry_bytes > 0
+    freeing, held = arr.entry_bytes > 0, arr.entry_bytes < 0
     lo, hi = arr.entry_row_lo[freeing], arr.entry_row_hi[freeing]
+    h_lo, h_hi = arr.entry_row_lo[held], arr.entry_row_hi[held]
     inf = np.iinfo(np.int64).max // 4
     least_hi = -arrays.max_covering(rows, lo, hi, -hi, none=-inf)  # inf where nothing covers the row
     most_lo = arrays.max_covering(rows, lo, hi, lo, none=-inf)
-    held = arr.entry_bytes < 0
-    holds = arrays.max_covering(rows, arr.entry_row_lo[held], arr.entry_row_hi[held], np.zeros(held.sum(), np.int64))
+    held_from = arrays.max_covering(rows, h_lo, h_hi, h_lo, none=-inf)  # latest start of a hold at the row
+    held_to = -arrays.max_covering(rows, h_lo, h_hi, -h_hi, none=-inf)  # earliest end of one
     implied = np.zeros(len(rows), dtype=bool)
-    # forward: earlier rows j with least_hi_j >= k; backward (rows negated): later rows with most_lo_j <= k
-    for order, sign, reach, strict in (
-        (range(len(rows)), 1, least_hi, False),
-        (range(len(rows) - 1, -1, -1), -1, -most_lo, True),
+    # forward: earlier rows j with least_hi_j >= k and j >= held_from_k; backward (negated): later rows
+    # with most_lo_j <= k and j <= held_to_k
+    for order, sign, reach, holds, strict in (
+        (range(len(rows)), 1, least_hi, held_from, False),
+        (range(len(rows) - 1, -1, -1), -1, -most_lo, -held_to, True),
     ):
-        heap: list[tuple[int, int]] = []  # (-need, reach) of the rows seen so far
+        heap: list[tuple[int, int, int]] = []  # (-need, reach, sign * row) of the rows seen so far
         for i in order:
             k = sign * int(rows[i])
             while heap and heap[0][1] < k:
                 heapq.heappop(heap)
-            ties = -heap[0][0] == need[i] and not (strict and is_row[i]) if heap else False
-            if heap and holds[i] < 0 and (-heap[0][0] > need[i] or ties):
-                implied[i] = True
+            if heap and heap[0][2] >= holds[i]:
+                top = -heap[0][0]
+                implied[i] |= top > need[i] or (top == need[i] and not (strict and is_row[i]))
             if is_row[i]:
-                heapq.heappush(heap, (-int(need[i]), int(reach[i])))
+                heapq.heappush(heap, (-int(need[i]), int(reach[i]), k))
     return implied
 
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import planner
+from planner.cli import main
 from planner.distributed import (
     SHARDINGS,
     RankFailed,
@@ -32,18 +33,31 @@ from planner.distributed import (
     rank_workload,
 )
 from planner.planning import InfeasibleBudget
-from planner.scenario import load_scenario
+from planner.scenario import ScenarioError, load_scenario, parse_scenario
 from planner.simulator import simulate
 
 WORLD_SIZE = 2
 CASES = [(name, sharding) for name in ("gpt", "resnet") for sharding in SHARDINGS]
-BUDGET = "60%"  # of a rank's unplanned peak: needs recompute or offload
+BUDGET = "60%"  # of a rank's unplanned peak; where no plan fits it, the smallest that fits + 10%
 STEPS = 2
 ESTIMATE_TOLERANCE = 0.10  # the estimate without the engine, against the rank's own profile
 
 
 def step_args(w) -> dict:
     return {"loss_fn": w.loss_closure(), "optimizer": w.optimizer, "autocast_dtype": w.autocast_dtype}
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def port_is_free(port: str) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", int(port)))
+        except OSError:
+            return False
+    return True
 
 
 def train(job: RankJob, rank: int, plan=None) -> list[list[torch.Tensor]]:
@@ -60,10 +74,6 @@ def train(job: RankJob, rank: int, plan=None) -> list[list[torch.Tensor]]:
     return grads
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def rank_plan(graph):
     try:
         return plan_ranks(graph, BUDGET)
@@ -73,7 +83,7 @@ def rank_plan(graph):
 
 def check_cases(rank: int, world_size: int, cases: list) -> dict:
     """Each case on this rank: the plan's prediction and measurement, gradients, the estimate."""
-    results = {}
+    results = {"rank": rank, "port": os.environ["MASTER_PORT"]}
     for name, sharding in cases:
         job = RankJob(name, sharding)
         w, wrapped = rank_workload(job, rank)
@@ -101,7 +111,8 @@ def check_cases(rank: int, world_size: int, cases: list) -> dict:
 def ranks() -> dict:
     """Every case on both ranks in one launch: case -> one result per rank."""
     per_rank = launch(check_cases, WORLD_SIZE, timeout_s=300, args=(CASES,))
-    assert not multiprocessing.active_children()
+    assert [r["rank"] for r in per_rank] == list(range(WORLD_SIZE))  # results come in rank order
+    assert not multiprocessing.active_children() and port_is_free(per_rank[0]["port"])
     return {case: [r[case] for r in per_rank] for case in CASES}
 
 
@@ -121,6 +132,37 @@ def test_estimate_without_the_engine_is_close_to_the_rank_profile(ranks, case):
         assert abs(r["estimated_unplanned"] - profiled) <= ESTIMATE_TOLERANCE * profiled, r
 
 
+def test_train_command_reports_every_rank(capsys):
+    argv = ["train", "resnet", "--world-size", "2", "--sharding", "fsdp", "--budget", "70%", "--steps", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 ranks (fsdp)" in out and out.count("under") == 2
+    assert not multiprocessing.active_children()
+
+
+def test_a_budget_no_plan_fits_is_a_usage_error(capsys):
+    assert main(["plan", "gpt", "--world-size", "2", "--sharding", "ddp", "--budget", "1%"]) == 2
+    assert "no plan fits a budget" in capsys.readouterr().err
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"world_size": 0}, "'world_size' must be a positive integer"),
+        ({"world_size": "2"}, "'world_size' must be a positive integer"),
+        ({"sharding": "zero3"}, "'sharding' must be one of ddp, fsdp"),
+    ],
+)
+def test_scenario_world_size_and_sharding_are_checked(fields, message):
+    path = load_scenario("resnet").path
+    data = {"model": "resnet", "inputs": [{"shape": ["B", 3, 8, 8]}], "target": {"shape": ["B"], "dtype": "int64", "high": 3}}
+    scenario = parse_scenario({**data, "world_size": 2, "sharding": "fsdp"}, path)
+    assert (scenario.world_size, scenario.sharding) == (2, "fsdp")
+    with pytest.raises(ScenarioError, match=message):
+        parse_scenario({**data, **fields}, path)
+
+
 def fail_on_last_rank(rank: int, world_size: int) -> int:
     if rank == world_size - 1:
         raise ValueError(f"no luck on rank {rank}")
@@ -136,28 +178,6 @@ def die_on_last_rank(rank: int, world_size: int) -> None:
 
 def sleep(rank: int, world_size: int) -> None:
     time.sleep(600)
-
-
-def report_rank(rank: int, world_size: int) -> tuple[int, int, str]:
-    t = torch.tensor([rank + 1])
-    dist.all_reduce(t)
-    return rank, int(t), os.environ["MASTER_PORT"]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", int(port)))
-        except OSError:
-            return False
-    return True
-
-
-def test_launch_returns_results_by_rank_and_frees_its_port():
-    results = launch(report_rank, WORLD_SIZE, timeout_s=60)
-    assert [r[:2] for r in results] == [(0, 3), (1, 3)]
-    assert port_is_free(results[0][2])
-    assert not multiprocessing.active_children()
 
 
 def test_a_failing_rank_raises_its_error_quickly():

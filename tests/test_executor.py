@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -20,16 +21,26 @@ from solvers.ilp import min_peak
 ZOO = [name for name in list_scenarios() if name != "gpt7b"]
 
 
-def profiled(name: str, **build):
-    w = load_scenario(name).build(**build)
-    graph = planner.profile(
+def profiled(name: str):
+    """A fresh workload of the scenario and its profile (profiled once per scenario)."""
+    return load_scenario(name).build(), _graph(name)
+
+
+@functools.cache
+def _graph(name: str):
+    w = load_scenario(name).build()
+    return planner.profile(
         w.model, w.batch, loss_fn=w.loss_closure(), optimizer=w.optimizer, autocast_dtype=w.autocast_dtype
     )
-    return w, graph
+
+
+_SMALLEST: dict[int, int] = {}  # id of a cached graph -> its smallest feasible budget
 
 
 def smallest_budget(graph) -> int:
-    return min_peak(build_problem(graph, 0), 10.0)[0]
+    if id(graph) not in _SMALLEST:
+        _SMALLEST[id(graph)] = min_peak(build_problem(graph, 0), 10.0)[0]
+    return _SMALLEST[id(graph)]
 
 
 def plan_or_smallest(graph, budget: str):
