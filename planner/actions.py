@@ -146,21 +146,23 @@ class Semantics:
         if choice.action is Action.RECOMPUTE:
             replay = self._replay(owned, {r.block for r in releases}, choice.save_ops)
             extra_ms = sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
-            held = self._held(units, back)
+            held = self._held(units, back, owned, choice.save_ops)
         else:
             replay = tuple((r.block, self.graph.blocks[r.block].bytes) for r in releases)
             extra_ms = self._offload_ms(choice.units[0], sum(self.graph.blocks[r.block].bytes for r in releases))
         return Effect(releases, held, back, replay, extra_ms)
 
-    def _held(self, units: set[int], back: int) -> tuple[Release, ...]:
-        """Inputs of the region made outside it, alive until the region's backward is over."""
-        inputs = sorted({i for u in units for i in self.graph.units[u].inputs})
+    def _held(self, units: set[int], back: int, owned: list[int], save_ops: frozenset[str]) -> tuple[Release, ...]:
+        """Blocks the region's checkpoint keeps alive until its backward is over: its inputs made
+        outside it, and the outputs of operators it keeps saved even where autograd did not save them."""
         blocks = self.graph.blocks
+        inputs = {i for u in units for i in self.graph.units[u].inputs if blocks[i].owner not in units}
+        cached = {i for i in owned if blocks[i].op in save_ops and blocks[i].category is Category.TRANSIENTS}
         until = max([back] + [self.graph.units[u].bwd_end or back for u in units])
         return tuple(
             Release(i, blocks[i].free, until)
-            for i in inputs
-            if blocks[i].owner not in units and blocks[i].free is not None and blocks[i].free < until
+            for i in sorted(inputs | cached)
+            if blocks[i].free is not None and blocks[i].free < until
         )
 
     def _made_by(self, units: set[int]) -> list[Block]:
@@ -179,8 +181,8 @@ class Semantics:
         end = max(self.graph.blocks[i].alloc for i in owned)
         for i in owned:
             b = self.graph.blocks[i]
-            if b.category is Category.ACTIVATIONS and b.op in save_ops and i not in released:
-                continue  # kept saved from the first forward, not recomputed
+            if b.op in save_ops and i not in released:
+                continue  # kept from the first forward, not recomputed
             events.append((b.alloc, i, b.bytes))
             if i not in released:
                 free = b.free if b.category is Category.TRANSIENTS and b.free is not None else end + 1

@@ -210,7 +210,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
         plan, graph = run_job(plan_rank, ranks[0], _rank_job(args, ranks[1]), args.timeout)[0]
     else:
-        workload, graph = _profiled(args)
+        _, graph = _profiled(args)
         plan = planner.plan(graph, args.budget, solver=args.solver, time_limit_s=args.time_limit)
     console.print(plan_table(plan, graph))
     console.print(plan_panel(plan))

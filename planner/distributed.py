@@ -369,7 +369,8 @@ def per_rank_fixed(graph: ProfiledGraph, world_size: int, sharding: str, model: 
 
 def estimate_rank_graph(graph: ProfiledGraph, world_size: int, sharding: str, model: nn.Module) -> ProfiledGraph:
     """`graph` with a rank's estimated memory: `per_rank_fixed`, and under FSDP2 gradients kept
-    sharded (divided by the world size). An estimate: the measured per-rank profile is exact."""
+    sharded (divided by the world size). An estimate, within about 5% of the rank's own profile
+    (`profile_rank`) on the zoo's models; that profile sees what the engine really allocates."""
     fixed = per_rank_fixed(graph, world_size, sharding, model)
     if sharding == "ddp":
         return replace(graph, fixed=fixed)

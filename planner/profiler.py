@@ -339,8 +339,13 @@ def profile(
         except Exception as err:
             raise type(err)(f"the training step failed on the example batch: {err}") from err
         opt_state = [rec.open[k] for k in map(storage_key, _optimizer_tensors(optimizer)) if k in rec.open]
+        # All optimizer state after the step, including what it made outside the dispatcher (step counts).
+        state_after = fixed_bytes({Category.OPTIMIZER: _optimizer_tensors(optimizer)}, device)[Category.OPTIMIZER]
         rec.finish()
-    return _graph(model, device, rec, fixed_bytes(groups, device), grads, opt_state)
+    sizes = fixed_bytes(groups, device)
+    first_step_bytes = state_after - sizes[Category.OPTIMIZER]
+    sizes[Category.OPTIMIZER] = state_after
+    return _graph(model, device, rec, sizes, grads, opt_state, first_step_bytes)
 
 
 def _graph(
@@ -350,6 +355,7 @@ def _graph(
     fixed_sizes: dict[Category, int],
     grads: list[_Block],
     opt_state: list[_Block],
+    first_step_bytes: int,
 ) -> ProfiledGraph:
     """Freezes what the recorder saw; optimizer state first allocated in this step counts as fixed."""
     phases = {phase: (ticks[0], ticks[1]) for phase, ticks in rec.phase_ticks.items()}
@@ -369,7 +375,6 @@ def _graph(
         else:
             category = Category.TRANSIENTS
         blocks.append(Block(b.bytes, category, b.phase, b.alloc, b.free, b.owner, frozenset(b.savers), b.last_use, b.op, b.mutated, b.unit_output))
-    first_step_bytes = sum(b.bytes for b in opt_state)
     meta = {"other_ms": rec.other_ms, "other_flops": rec.other_flops, "other_bytes": rec.other_bytes}
     if device.type == "cuda" and not rec.estimated_times:  # `costmodel.retime` keeps times measured on the same GPU
         meta["device_name"] = torch.cuda.get_device_name(device)
@@ -377,7 +382,7 @@ def _graph(
         parameters=fixed_sizes[Category.PARAMETERS],
         buffers=fixed_sizes[Category.BUFFERS],
         inputs=fixed_sizes[Category.INPUTS],
-        optimizer=fixed_sizes[Category.OPTIMIZER] + first_step_bytes,
+        optimizer=fixed_sizes[Category.OPTIMIZER],
     )
     return ProfiledGraph(
         model=type(model).__name__,

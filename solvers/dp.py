@@ -99,21 +99,21 @@ def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
     return Solution(chosen, status, solve_s=solve_s)
 
 
-def plan(problem: Problem, arr: Arrays, deadline: float) -> tuple[int, ...] | None:
+def plan(problem: Problem, arr: Arrays, deadline: float, max_states: int = MAX_STATES) -> tuple[int, ...] | None:
     """This solver's plan for any problem whose options cover consecutive units, chain or not (a starting
     point for other solvers); None when it finds none within budget or is not done by the deadline."""
-    return _search(problem, arr, deadline, give_up=True)[0]
+    return _search(problem, arr, deadline, give_up=True, max_states=max_states)[0]
 
 
 def _search(
-    problem: Problem, arr: Arrays, deadline: float, give_up: bool = False
+    problem: Problem, arr: Arrays, deadline: float, give_up: bool = False, max_states: int = MAX_STATES
 ) -> tuple[tuple[int, ...] | None, bool, bool]:
     """The cheapest plan found, whether a front was thinned, whether the deadline passed (past it, the
     search goes on with small fronts, or stops with no plan if `give_up`)."""
     model = model_of(problem, arr)
     if model is None:
         return None, False, False
-    groups, nodes, thinned, late = _run(model, deadline, give_up)
+    groups, nodes, thinned, late = _run(model, deadline, give_up, max_states)
     if not groups:
         return None, thinned, late
     best = min(groups, key=lambda g: g.cost[0])
@@ -130,7 +130,9 @@ def _search(
 # ---------------------------------------------------------------- the scan
 
 
-def _run(model: Model, deadline: float, give_up: bool = False) -> tuple[list[_Group], _Nodes, bool, bool]:
+def _run(
+    model: Model, deadline: float, give_up: bool = False, max_states: int = MAX_STATES
+) -> tuple[list[_Group], _Nodes, bool, bool]:
     """Pareto fronts boundary by boundary; the last one's groups, the state tree, whether thinned or late."""
     n = model.n_units
     pending: list[dict] = [{} for _ in range(n + 1)]
@@ -146,7 +148,7 @@ def _run(model: Model, deadline: float, give_up: bool = False) -> tuple[list[_Gr
         late = late or time.perf_counter() > deadline
         if late and give_up:
             return [], nodes, thinned, late
-        groups, cut = _front(pending[a], nodes, model, a, LATE_STATES if late else MAX_STATES)
+        groups, cut = _front(pending[a], nodes, model, a, LATE_STATES if late else max_states)
         thinned |= cut
         pending[a] = {}
         if a < n:

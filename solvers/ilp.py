@@ -39,8 +39,9 @@ from solvers.problem import Problem
 
 NS_PER_MS = 1_000_000  # objective unit: costs in ms are rounded to whole nanoseconds
 NUM_WORKERS = 2
-HINT_SHARE = 0.25  # of the time limit, at most, for the starting plan
+HINT_SHARE = 0.3  # of the time limit, at most, for the starting plan
 DP_HINT_UNITS = 60  # larger graphs start from the dynamic programme's plan
+HINT_STATES = 128  # its fronts are kept this small: a quick start, not its best plan
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,9 @@ def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
     mem = _memory(problem, arr, rows, replays)
     for k in rows.tolist():
         mem.model.add(mem.freed[k] >= _ceil_div(int(row_need[k]), mem.scale))
-    for r in replays:  # at_back - least >= sum_o (need_o - least) y_o: nothing asked when none is chosen
-        least = int(arrays.least_at(arr, arr.option_back[list(r.options[:1])])[0]) // mem.scale
+    held = arrays.least_at(arr, arr.option_back[[r.options[0] for r in replays]]).tolist()
+    for r, least in zip(replays, held):  # at_back - least >= sum_o (need_o - least) y_o: none chosen, no need
+        least //= mem.scale
         needs = [_ceil_div(int(replay_need[o]), mem.scale) - least for o in r.options]
         chosen = cp_model.LinearExpr.weighted_sum([mem.y[o] for o in r.options], needs)
         mem.model.add(mem.at_back(arr, r) - least >= chosen)
@@ -129,8 +131,8 @@ def min_peak(problem: Problem, time_limit_s: float = 10.0) -> tuple[int, tuple[i
     # constraints: M above every row and every chosen replay
     for k in rows.tolist():
         mem.model.add(peak + mem.scale * mem.freed[k] >= int(arr.row_peak[k]))
-    for r in replays:  # M + at_back - least >= sum_o (replay_o - least) y_o, in bytes
-        least = int(arrays.least_at(arr, arr.option_back[list(r.options[:1])])[0])
+    held = arrays.least_at(arr, arr.option_back[[r.options[0] for r in replays]]).tolist()
+    for r, least in zip(replays, held):  # M + at_back - least >= sum_o (replay_o - least) y_o, in bytes
         needs = [int(arr.option_replay_need[o]) - least for o in r.options]
         chosen = cp_model.LinearExpr.weighted_sum([mem.y[o] for o in r.options], needs)
         mem.model.add(peak + mem.scale * mem.at_back(arr, r) - least >= chosen)
@@ -152,14 +154,13 @@ def min_peak(problem: Problem, time_limit_s: float = 10.0) -> tuple[int, tuple[i
 
 
 def _starting_plan(problem: Problem, arr: Arrays, budget_bytes: int, deadline: float) -> tuple[tuple[int, ...], int]:
-    """Greedy's plan; on large graphs whose options all cover consecutive units, the dynamic programme's
-    instead when it is done by the deadline with a cheaper one. (On small graphs CP-SAT needs no help.)"""
-    chosen, peak = greedy.plan(problem, arr, budget_bytes)
-    if problem.n_units > DP_HINT_UNITS and arr.option_is_interval.all() and time.perf_counter() < deadline:
-        found = dp.plan(problem, arr, deadline)
-        if found is not None and (peak > budget_bytes or problem.overhead_ms(found) < problem.overhead_ms(chosen)):
-            chosen, peak = found, arrays.peak_bytes(arr, found)
-    return chosen, peak
+    """On large graphs whose options all cover consecutive units, the dynamic programme's plan when it is
+    done by the deadline; else (and on small graphs, where CP-SAT needs no help) greedy's."""
+    if problem.n_units > DP_HINT_UNITS and arr.option_is_interval.all():
+        found = dp.plan(problem, arr, deadline, HINT_STATES)
+        if found is not None:
+            return found, arrays.peak_bytes(arr, found)
+    return greedy.plan(problem, arr, budget_bytes)
 
 
 # ---------------------------------------------------------------- which constraints the model needs

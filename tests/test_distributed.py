@@ -156,7 +156,11 @@ def test_a_budget_no_plan_fits_is_a_usage_error(capsys):
 )
 def test_scenario_world_size_and_sharding_are_checked(fields, message):
     path = load_scenario("resnet").path
-    data = {"model": "resnet", "inputs": [{"shape": ["B", 3, 8, 8]}], "target": {"shape": ["B"], "dtype": "int64", "high": 3}}
+    data = {
+        "model": "resnet",
+        "inputs": [{"shape": ["B", 3, 8, 8]}],
+        "target": {"shape": ["B"], "dtype": "int64", "high": 3},
+    }
     scenario = parse_scenario({**data, "world_size": 2, "sharding": "fsdp"}, path)
     assert (scenario.world_size, scenario.sharding) == (2, "fsdp")
     with pytest.raises(ScenarioError, match=message):
