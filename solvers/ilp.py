@@ -1,26 +1,26 @@
 """Exact plans with CP-SAT: a 0-1 program over the options, memory written row by row.
 
-    min   sum_o c_o y_o                                   c_o: cost in ns, rounded
-    s.t.  sum_{o ∋ u} y_o <= 1                             every unit u
+    min   sum_o c_o y_o                                        c_o: cost in ns, rounded
+    s.t.  sum_{o ∋ u} y_o <= 1                                  every unit u
           F_k = F_j + sum_{e starts in (j, k]} b_e y_o(e) - sum_{e ends in [j, k)} b_e y_o(e)
-          peak_k - F_k <= budget                           every row k (j: the row before it in the model)
-          F_{k(o)} + G_o - L_o >= (base_o + replay_o - budget - L_o) y_o   every option o (its replay, if chosen)
+          peak_k - F_k <= budget                                every row k (j: the row before it in the model)
+          F_k(o) + G_o - L_o >= (base_o + replay_o - budget - L_o) y_o   every option o (its replay, if chosen)
           y_o ∈ {0, 1}
 
-F_k is what the chosen options free through row k, carried from row to row in
-tick order, so the model has O(entries + rows) nonzeros instead of a term per
-option and row; entry e covers the contiguous rows with death_e < first_k and
-last_k <= back_e. k(o) is the row holding o's back tick and G_o the entries
-that free bytes at that tick but not through the whole row (none when rows
-are cut at every entry's ends, as `build_problem` cuts them); L_o, the bytes
-every option holding some there would hold (<= 0), makes the constraint empty
-when o is not chosen. Options sharing
-k(o) and their last unit (so at most one is chosen) share one replay
-constraint with sum_o need_o y_o on the right. Constraints another row's
-constraint implies are left out, and bytes are divided by the gcd of the
-entries' bytes: both keep the model exact. `min_peak` minimises a variable M
-above every row and every chosen replay instead: the smallest budget any
-plan meets.
+F_k is what the chosen options free through row k (held bytes count
+negative), carried from row to row in tick order, so the model has
+O(entries + rows) nonzeros instead of a term per option and row; entry e
+covers the contiguous rows with death_e < first_k and last_k <= back_e. k(o)
+is the row holding o's back tick and G_o the entries freeing bytes at that
+tick but not through the whole row (none when rows are cut at every entry's
+ends, as `build_problem` cuts them); L_o <= 0, the bytes every option holding
+some there would hold, leaves the constraint empty when o is not chosen.
+Options sharing k(o) and their last unit (at most one is chosen) share one
+replay constraint with sum_o on the right. Constraints another row's implies
+are left out, and bytes are divided by the gcd of the entries' bytes: both
+keep the model exact. Large chains start from the dynamic programme's plan
+(small fronts), others from greedy's. `min_peak` minimises a variable M above
+every row and every chosen replay instead: the smallest budget any plan meets.
 """
 
 from __future__ import annotations
