@@ -92,7 +92,7 @@ def units_table(graph: ProfiledGraph) -> Table:
         footer_style="bold",
     )
     totals = _unit_totals(graph)
-    table.add_column("unit", footer="total", overflow="fold", min_width=8)
+    table.add_column("unit", footer="total", no_wrap=True, min_width=8)
     table.add_column("kind", style="dim", footer="", overflow="ellipsis", no_wrap=True, max_width=12)
     numbers = {"justify": "right", "no_wrap": True}
     for header, footer in zip(("saved", "input", "output"), totals[:3]):
