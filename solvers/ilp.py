@@ -154,13 +154,15 @@ def min_peak(problem: Problem, time_limit_s: float = 10.0) -> tuple[int, tuple[i
 
 
 def _starting_plan(problem: Problem, arr: Arrays, budget_bytes: int, deadline: float) -> tuple[tuple[int, ...], int]:
-    """On large graphs whose options all cover consecutive units, the dynamic programme's plan when it is
-    done by the deadline; else (and on small graphs, where CP-SAT needs no help) greedy's."""
+    """Greedy's plan or, on large graphs whose options all cover consecutive units, the dynamic
+    programme's (small fronts, given up at the deadline) when it is cheaper. Small graphs need no help."""
+    found = None
     if problem.n_units > DP_HINT_UNITS and arr.option_is_interval.all():
         found = dp.plan(problem, arr, deadline, HINT_STATES)
-        if found is not None:
-            return found, arrays.peak_bytes(arr, found)
-    return greedy.plan(problem, arr, budget_bytes)
+    chosen, peak = greedy.plan(problem, arr, budget_bytes)
+    if found is not None and (peak > budget_bytes or problem.overhead_ms(found) < problem.overhead_ms(chosen)):
+        return found, arrays.peak_bytes(arr, found)
+    return chosen, peak
 
 
 # ---------------------------------------------------------------- which constraints the model needs
