@@ -22,7 +22,6 @@ Parameters, buffers, state_dict keys and the module tree are untouched.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Iterator
@@ -369,13 +368,3 @@ def _to_device(copy: _HostCopy, owner: _Offloader) -> torch.UntypedStorage:
         data.record_stream(torch.cuda.current_stream(copy.device))
         return data.untyped_storage()
     return torch.from_numpy(copy.data).clone().untyped_storage()
-
-
-@contextlib.contextmanager
-def applied(model: nn.Module, plan: Plan) -> Iterator[Handle]:
-    """`with applied(model, plan): ...` runs the model under the plan inside the block."""
-    handle = apply(model, plan)
-    try:
-        yield handle
-    finally:
-        handle.remove()
