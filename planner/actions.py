@@ -69,6 +69,8 @@ class Effect:
 
     `held` are blocks a recomputed region reads from outside, which its checkpoint
     keeps alive from their first free (`death`) until its backward is over (`back`).
+    A replay first copies the buffers of its units' modules (`snapshot_bytes`) and
+    puts them back when it is over, so that batch-norm statistics are updated once.
     """
 
     releases: tuple[Release, ...]
@@ -76,6 +78,7 @@ class Effect:
     replay_tick: int
     replay: tuple[tuple[int, int], ...]  # (block index, +bytes allocated or -bytes freed), in order
     extra_ms: float
+    snapshot_bytes: int = 0
 
 
 class Semantics:
@@ -147,10 +150,13 @@ class Semantics:
             replay = self._replay(owned, {r.block for r in releases}, choice.save_ops)
             extra_ms = sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
             held = self._held(units, back, owned, choice.save_ops)
+            modules = {self.graph.units[u].name: self.graph.units[u].buffer_bytes for u in units}
+            snapshot = sum(modules.values())  # a module called twice in the region is copied once
         else:
             replay = tuple((r.block, self.graph.blocks[r.block].bytes) for r in releases)
             extra_ms = self._offload_ms(choice.units[0], sum(self.graph.blocks[r.block].bytes for r in releases))
-        return Effect(releases, held, back, replay, extra_ms)
+            snapshot = 0
+        return Effect(releases, held, back, replay, extra_ms, snapshot)
 
     def _held(self, units: set[int], back: int, owned: list[int], save_ops: frozenset[str]) -> tuple[Release, ...]:
         """Blocks the region's checkpoint keeps alive until its backward is over: its inputs made
@@ -197,6 +203,8 @@ class Semantics:
     def _offload_ms(self, unit: int, nbytes: int) -> float:
         """Copy time not hidden by the next unit's compute, each way."""
         copy = self.roofline.copy_ms(nbytes)
+        if not self.roofline.copies_overlap:
+            return 2 * copy
         nxt = self.graph.units[unit + 1] if unit + 1 < len(self.graph.units) else None
         hide_fwd, hide_bwd = (nxt.fwd_ms, nxt.bwd_ms) if nxt else (0.0, 0.0)
         return max(0.0, copy - hide_fwd) + max(0.0, copy - hide_bwd)
@@ -204,7 +212,7 @@ class Semantics:
 
 def replay_peak(effect: Effect) -> int:
     """The most bytes a replay adds on top of what was alive when it began."""
-    live = peak = 0
+    live = peak = effect.snapshot_bytes
     for _, delta in effect.replay:
         live += delta
         peak = max(peak, live)

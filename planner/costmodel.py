@@ -37,6 +37,7 @@ class Roofline:
     efficiency: float = 0.6  # share of peak FLOP/s a real kernel reaches
     memory_efficiency: float = 0.6  # share of peak memory bandwidth a real kernel reaches
     device_names: tuple[str, ...] = ()
+    copies_overlap: bool = True  # host copies run beside compute (a GPU's side stream), not in its way
 
     def op_ms(self, flops: int, bytes_moved: int) -> float:
         """Time of one operator in ms: the slower of its math and its memory traffic."""
@@ -54,6 +55,22 @@ class Roofline:
 # A mid-range data-centre GPU (A100-class dense BF16/TF32, HBM2e, PCIe 4 x16),
 # used for times when the profile was taken without running anything.
 REFERENCE = Roofline(flops_per_s=150e12, bytes_per_s=1.5e12, host_bytes_per_s=24e9)
+
+
+def roofline_for(graph: ProfiledGraph) -> Roofline:
+    """The rates that cost plans for `graph` when none are given: those of the device it was
+    measured on (a catalog GPU by its CUDA name; a CPU, whose measured copy rate is paid in full
+    since its copies stop compute), else REFERENCE."""
+    if not graph.measured_times:
+        return REFERENCE
+    if "host_bytes_per_s" in graph.meta:
+        return replace(REFERENCE, host_bytes_per_s=graph.meta["host_bytes_per_s"], copies_overlap=False)
+    from planner.gpus import load_catalog  # the catalog is built on this module
+
+    for gpu in load_catalog().values():
+        if graph.meta.get("device_name") in gpu.device_names:
+            return gpu.roofline()
+    return REFERENCE
 
 
 def retime(graph: ProfiledGraph, roofline: Roofline) -> ProfiledGraph:

@@ -22,7 +22,10 @@ Parameters, buffers, state_dict keys and the module tree are untouched.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import statistics
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,12 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils import checkpoint as ckpt
-from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from planner.actions import Action, Choice
 from planner.tracking import storage_key, tensors_in
-from planner.units import fingerprint
+from planner.units import buffers_of, fingerprint
 from solvers.plan import Plan
 
 
@@ -71,7 +74,7 @@ class _Region:
     calls: list[tuple[Callable, list, Any, list]] = field(default_factory=list)  # forward, leaves, spec, links
     last_outputs: dict[int, int] = field(default_factory=dict)  # id of a leaf of the last output -> position
     generator: Iterator | None = None
-    buffers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (buffer, value after forward)
+    buffers: list[torch.Tensor] = field(default_factory=list)  # of its units' modules, put back after a replay
 
 
 class Handle:
@@ -174,6 +177,8 @@ class Handle:
                 **kwargs,
             )
             next(self.region.generator)
+            units = [self.plan.units[u].rsplit("#", 1)[0] for u in choice.units]
+            self.region.buffers = buffers_of([self.modules[name] for name in units])
         region = self.region
         leaves, spec = tree_flatten((args, kwargs))
         links = [region.last_outputs.get(id(leaf)) for leaf in leaves]
@@ -194,11 +199,11 @@ class Handle:
         if region is not None and region.generator is not None:
             next(region.generator, None)
             region.generator = None  # the generator refers to the region: no cycle may outlive the step
-            modules = [self.modules[self.plan.units[u].rsplit("#", 1)[0]] for u in region.choice.units]
-            region.buffers = [(b, b.clone()) for m in modules for b in m.buffers()]
 
     def _replay(self, region: _Region, *args, **kwargs) -> None:
-        """Run the region's forward again from its first inputs, leaving every buffer as the forward left it."""
+        """Run the region's forward again from its first inputs, leaving the buffers it writes as they are."""
+        with _outside_checkpoint_modes(), torch.no_grad():
+            snapshot = [b.clone() for b in region.buffers]
         self.depth += 1
         try:
             output = region.calls[0][0](*args, **kwargs)
@@ -209,9 +214,8 @@ class Handle:
                 output = forward(*call_args, **call_kwargs)
         finally:
             self.depth -= 1
-            # Outside the checkpoint's own dispatch modes, which expect only the forward's operators.
-            with torch.no_grad(), _disable_current_modes():
-                for buffer, value in region.buffers:
+            with _outside_checkpoint_modes(), torch.no_grad():
+                for buffer, value in zip(region.buffers, snapshot):
                     buffer.copy_(value)
 
     @staticmethod
@@ -226,6 +230,15 @@ class Handle:
             return ckpt.CheckpointPolicy.PREFER_RECOMPUTE
 
         return functools.partial(ckpt.create_selective_checkpoint_contexts, policy)
+
+
+def _outside_checkpoint_modes():
+    """Steps out of a selective checkpoint's dispatch mode, which expects only the forward's
+    operators; modes below it (a memory tracker) still see what runs."""
+    mode = _get_current_dispatch_mode()
+    if mode is not None and type(mode).__module__ == ckpt.__name__:
+        return _pop_mode_temporarily()
+    return contextlib.nullcontext()
 
 
 class _Offloader:
@@ -342,7 +355,7 @@ def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
-def _to_host(storage: torch.UntypedStorage, owner: _Offloader) -> _HostCopy:
+def _to_host(storage: torch.UntypedStorage, owner: _Offloader | None) -> _HostCopy:
     data = _bytes_of(storage)
     if storage.device.type == "cuda":
         stream = owner.side_stream(storage.device)
@@ -358,7 +371,19 @@ def _to_host(storage: torch.UntypedStorage, owner: _Offloader) -> _HostCopy:
     return _HostCopy(data.numpy().copy(), storage.device)
 
 
-def _to_device(copy: _HostCopy, owner: _Offloader) -> torch.UntypedStorage:
+def host_copy_bytes_per_s(nbytes: int, repeats: int = 5) -> float:
+    """Bytes per second, each way, of offloading a CPU storage of `nbytes` and bringing it back
+    (median of `repeats` round trips after a warm-up); copies on a CPU do not overlap compute."""
+    storage = torch.empty(max(nbytes, 1), dtype=torch.uint8).untyped_storage()
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        _to_device(_to_host(storage, None), None)
+        times.append(time.perf_counter() - start)
+    return 2 * storage.nbytes() / statistics.median(times[1:])
+
+
+def _to_device(copy: _HostCopy, owner: _Offloader | None) -> torch.UntypedStorage:
     if copy.device.type == "cuda":
         stream = owner.side_stream(copy.device)
         stream.wait_event(copy.event)

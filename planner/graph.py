@@ -77,6 +77,7 @@ class Unit:
     bwd_end: int | None = None  # tick of its last backward operator
     bwd_bytes: int = 0  # memory traffic of its backward operators
     inputs: tuple[int, ...] = ()  # blocks of its tensor inputs that the step made
+    buffer_bytes: int = 0  # its module's buffers, which a replay copies and puts back (updated once)
 
     @property
     def key(self) -> str:

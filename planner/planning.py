@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from planner.costmodel import REFERENCE, Roofline
+from planner.costmodel import Roofline, roofline_for
 from planner.graph import ProfiledGraph
 from planner.report import format_bytes, parse_bytes
 from planner.simulator import simulate
@@ -56,10 +56,11 @@ def plan(
     graph: ProfiledGraph,
     budget: int | float | str,
     solver: str = "auto",
-    roofline: Roofline = REFERENCE,
+    roofline: Roofline | None = None,
     time_limit_s: float = 10.0,
 ) -> Plan:
     """The least-overhead plan whose peak fits `budget`; raises InfeasibleBudget when none does."""
+    roofline = roofline or roofline_for(graph)
     unplanned = simulate(graph, roofline=roofline).peak_bytes
     budget_bytes = parse_budget(budget, unplanned)
     problem = build_problem(graph, budget_bytes, roofline)

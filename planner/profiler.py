@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,10 +26,11 @@ from torch._guards import detect_fake_mode
 from torch.utils.flop_counter import flop_registry
 
 from planner import costmodel
+from planner.executor import host_copy_bytes_per_s
 from planner.graph import Block, Category, FixedMemory, Op, Phase, ProfiledGraph, Unit
 from planner.step import Batch, LossFn, device_of, train_step
 from planner.tracking import StorageTracker, allocated_bytes, storage_bytes, storage_key, storage_of, tensors_in
-from planner.units import UnitSpec, fingerprint, select_units
+from planner.units import UnitSpec, buffers_of, fingerprint, select_units
 
 OUTSIDE = -1  # saver index for code outside every unit
 
@@ -79,6 +81,7 @@ class _Unit:
     grad_tick: int | None = None
     bwd_end: int | None = None
     inputs: list[_Block] = field(default_factory=list)  # blocks of its tensor inputs made in this step
+    buffer_bytes: int = 0
 
 
 class _Recorder(StorageTracker):
@@ -94,6 +97,8 @@ class _Recorder(StorageTracker):
         self.open: dict[int, _Block] = {}
         self.blocks: list[_Block] = []
         self.other_ms = 0.0
+        self.phase_ms = dict.fromkeys(Phase, 0.0)  # operator time in each phase
+        self.host_bytes_per_s: float | None = None  # CPU offload copy rate, measured
         self.other_flops = 0  # operators outside every unit: loss, optimizer, glue
         self.other_bytes = 0
         self.last_outputs: set[int] = set()  # ids of the tensors the last unit returned
@@ -122,17 +127,18 @@ class _Recorder(StorageTracker):
             block.free = self.tick
 
     # Operators.
-    def on_op(self, func, args, kwargs, out, inputs: set[int], new: list[int]) -> None:
+    def on_op(self, func, args, kwargs, out, ins: list, outs: list, inputs: set[int], new: list[int]) -> None:
         flops = _flops(func, args, kwargs, out)
-        moved = _bytes_moved(args, kwargs, out)
+        moved = sum(t.numel() * t.element_size() for t in (*ins, *outs))
         self.op_name = str(func.overloadpacket)
         ms = self.op_ms
         if self.estimated_times:
             ms = costmodel.REFERENCE.op_ms(flops, moved)
+        self.phase_ms[self.phase] += ms
         unit = self.units[self.current] if self.current is not None else None
         if self.phase is Phase.FORWARD:
             # an operator's outputs that share an input's storage wrote into it, unless it is a view
-            written = set() if func.is_view else {storage_key(t) for t in tensors_in(out)} & inputs
+            written = set() if func.is_view else {storage_key(t) for t in outs} & inputs
             self._trace_forward(inputs, new, written)
             if unit is not None:
                 unit.fwd_ms += ms
@@ -191,6 +197,7 @@ class _Recorder(StorageTracker):
         tensors = list(tensors_in(inputs))
         unit = _Unit(name, call, type(module).__name__, self.tick, storage_bytes(tensors))
         unit.inputs = list({id(b): b for t in tensors if (b := self.open.get(storage_key(t))) is not None}.values())
+        unit.buffer_bytes = sum(allocated_bytes(b.numel() * b.element_size(), self.device) for b in buffers_of([module]))
         if self.units and self._fed_by_last_unit(tensors):
             unit.direct_from = len(self.units) - 1
         self.units.append(unit)
@@ -231,10 +238,6 @@ class _Recorder(StorageTracker):
 def _flops(func, args, kwargs, out) -> int:
     count = flop_registry.get(func.overloadpacket)
     return int(count(*args, **kwargs, out_val=out)) if count is not None else 0
-
-
-def _bytes_moved(args, kwargs, out) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors_in((args, kwargs, out)))
 
 
 @contextlib.contextmanager
@@ -342,10 +345,69 @@ def profile(
         # All optimizer state after the step, including what it made outside the dispatcher (step counts).
         state_after = fixed_bytes({Category.OPTIMIZER: _optimizer_tensors(optimizer)}, device)[Category.OPTIMIZER]
         rec.finish()
+        if not rec.estimated_times:
+            _calibrate(rec, _timed_step(model, batch, names, loss_fn, optimizer, autocast_dtype, device))
+        if device.type == "cpu" and not rec.estimated_times:
+            saved = sorted(b.bytes for b in rec.blocks if b.savers and b.phase is Phase.FORWARD)
+            rec.host_bytes_per_s = host_copy_bytes_per_s(saved[len(saved) // 2] if saved else 1 << 20)
     sizes = fixed_bytes(groups, device)
     first_step_bytes = state_after - sizes[Category.OPTIMIZER]
     sizes[Category.OPTIMIZER] = state_after
     return _graph(model, device, rec, sizes, grads, opt_state, first_step_bytes)
+
+
+@dataclass
+class _Timing:
+    units: list[float]  # forward ms of each unit call
+    backward_ms: float
+    step_ms: float
+
+
+def _timed_step(model, batch, names, loss_fn, optimizer, autocast_dtype, device: torch.device) -> _Timing:
+    """Times one more step without tracking: each unit call's forward, the backward, the whole step.
+
+    The profiled step runs every operator through the tracker, first in the process, so its
+    operator times carry costs a training step does not pay; this step's clock is the truth.
+    """
+    cuda = device.type == "cuda"
+
+    def mark():
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(start, end) -> float:
+        return start.elapsed_time(end) if cuda else (end - start) * 1e3
+
+    starts, ends, phases = [], [], {}
+    with unit_hooks(model, names, lambda *call: starts.append(mark()), lambda output: ends.append(mark())):
+        train_step(model, batch, loss_fn, optimizer, autocast_dtype, lambda phase: phases.__setitem__(phase, mark()))
+    end = mark()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return _Timing(
+        [ms(a, b) for a, b in zip(starts, ends)],
+        ms(phases[Phase.BACKWARD], phases[Phase.OPTIMIZER]),
+        ms(phases[Phase.FORWARD], end),
+    )
+
+
+def _calibrate(rec: _Recorder, timing: _Timing) -> None:
+    """Units take their clocked forward time (their operators scaled to it), backward operators
+    share the clocked backward in proportion, and the rest of the step is work outside units."""
+    if len(timing.units) != len(rec.units):  # the model took another path: keep the operator times
+        return
+    profiled = rec.phase_ms[Phase.BACKWARD]
+    backward_scale = timing.backward_ms / profiled if profiled else 1.0
+    for unit, ms in zip(rec.units, timing.units):
+        scale = ms / unit.fwd_ms if unit.fwd_ms else 0.0
+        for op in unit.ops:
+            op.ms *= scale
+        unit.fwd_ms = ms
+        unit.bwd_ms *= backward_scale
+    rec.other_ms = max(0.0, timing.step_ms - sum(u.fwd_ms + u.bwd_ms for u in rec.units))
 
 
 def _graph(
@@ -378,6 +440,8 @@ def _graph(
     meta = {"other_ms": rec.other_ms, "other_flops": rec.other_flops, "other_bytes": rec.other_bytes}
     if device.type == "cuda" and not rec.estimated_times:  # `costmodel.retime` keeps times measured on the same GPU
         meta["device_name"] = torch.cuda.get_device_name(device)
+    if rec.host_bytes_per_s is not None:
+        meta["host_bytes_per_s"] = rec.host_bytes_per_s
     fixed = FixedMemory(
         parameters=fixed_sizes[Category.PARAMETERS],
         buffers=fixed_sizes[Category.BUFFERS],
@@ -428,6 +492,7 @@ def _freeze_unit(index: int, u: _Unit, blocks: list[_Block], block_index: dict[i
         bwd_end=u.bwd_end,
         bwd_bytes=u.bwd_bytes,
         inputs=tuple(block_index[id(b)] for b in u.inputs if id(b) in block_index),
+        buffer_bytes=u.buffer_bytes,
     )
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from planner.actions import Choice, Semantics
-from planner.costmodel import REFERENCE, Roofline
+from planner.costmodel import Roofline, roofline_for
 from planner.graph import FIXED_CATEGORIES, Category, ProfiledGraph
 
 
@@ -47,9 +47,10 @@ class Simulation:
         return {c.value: b for c, b in self.peak_breakdown.items()}
 
 
-def simulate(graph: ProfiledGraph, choices: Iterable[Choice] = (), roofline: Roofline = REFERENCE) -> Simulation:
-    """Replay the step's blocks on top of its fixed memory, with `choices` applied."""
-    events, extra_ms = _events(graph, list(choices), roofline)
+def simulate(graph: ProfiledGraph, choices: Iterable[Choice] = (), roofline: Roofline | None = None) -> Simulation:
+    """Replay the step's blocks on top of its fixed memory, with `choices` applied and costed on
+    `roofline` (default: `costmodel.roofline_for(graph)`)."""
+    events, extra_ms = _events(graph, list(choices), roofline or roofline_for(graph))
     events.sort(key=lambda e: e[0])
     live = {c: 0 for c in Category} | graph.fixed.by_category()
     total = sum(live[c] for c in FIXED_CATEGORIES)
@@ -95,7 +96,11 @@ def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline) -> 
         for r in effect.held:  # alive again right after its free, until the region's backward is over
             bytes_, category = graph.blocks[r.block].bytes, graph.blocks[r.block].category
             holds += [((r.death, 0, 1), bytes_, category), ((r.back, 3, n), -bytes_, category)]
-        replays += [((effect.replay_tick, 2, n, k), delta, i) for k, (i, delta) in enumerate(effect.replay)]
+        replays += [((effect.replay_tick, 2, n, k), delta, graph.blocks[i].category) for k, (i, delta) in enumerate(effect.replay)]
+        if effect.snapshot_bytes:  # the buffers' copy, alive while the replay runs
+            end = len(effect.replay)
+            replays += [((effect.replay_tick, 2, n, -1), effect.snapshot_bytes, Category.TRANSIENTS)]
+            replays += [((effect.replay_tick, 2, n, end), -effect.snapshot_bytes, Category.TRANSIENTS)]
     events = []
     for i, b in enumerate(graph.blocks):
         events.append(((b.alloc, 0), b.bytes, b.category))
@@ -103,5 +108,5 @@ def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline) -> 
             events.append(((death[i], 1), -b.bytes, b.category))
         if b.free is not None:
             events.append(((b.free, 0), -b.bytes, b.category))
-    events += [(key, delta, graph.blocks[i].category) for key, delta, i in replays]
+    events += replays
     return events + holds, extra_ms

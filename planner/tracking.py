@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
-from torch.utils._pytree import tree_flatten
 
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to this
 # Queries of a tensor's metadata that reach the dispatcher for fake tensors: no kernel, no memory.
@@ -46,6 +45,17 @@ def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
     elif is_dataclass(obj) and not isinstance(obj, type):
         for f in fields(obj):
             yield from tensors_in(getattr(obj, f.name))
+
+
+def op_tensors(values: Iterable[Any]) -> list[torch.Tensor]:
+    """The tensors among an operator's arguments or results (tensors, scalars and nested lists)."""
+    found = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, (list, tuple)):
+            found.extend(op_tensors(v))
+    return found
 
 
 def storage_of(t: torch.Tensor) -> torch.UntypedStorage:
@@ -104,15 +114,17 @@ class StorageTracker(TorchDispatchMode):
         out = func(*args, **kwargs)
         self.op_ms = (time.perf_counter() - start) * 1e3
         self.tick += 1
-        inputs = {storage_key(t) for t in tensors_in((args, kwargs))}
+        ins = op_tensors((*args, *kwargs.values()))
+        outs = op_tensors(out if isinstance(out, (list, tuple)) else (out,))
+        inputs = {storage_key(t) for t in ins}
         new = []
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == self.device.type:
+        for t in outs:
+            if t.device.type == self.device.type:
                 key = storage_key(t)
                 if key not in self.live and key not in inputs and key not in self.ignored:
                     self._alloc(storage_of(t))
                     new.append(key)
-        self.on_op(func, args, kwargs, out, inputs, new)
+        self.on_op(func, args, kwargs, out, ins, outs, inputs, new)
         return out
 
     def __enter__(self):
@@ -165,8 +177,8 @@ class StorageTracker(TorchDispatchMode):
         self.live.clear()
 
     # Subclasses record more.
-    def on_op(self, func, args, kwargs, out, inputs: set[int], new: list[int]) -> None:
-        pass
+    def on_op(self, func, args, kwargs, out, ins: list, outs: list, inputs: set[int], new: list[int]) -> None:
+        """After an operator: its tensors in and out, its input storages and the storages it made."""
 
     def on_alloc(self, key: int, nbytes: int) -> None:
         pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from rich.console import Console
@@ -19,16 +20,27 @@ from solvers.plan import Plan
 
 
 def train_and_measure(workload: Workload, plan: Plan, steps: int, console: Console | None = None) -> Table:
-    """Measure the unplanned step, then train `steps` steps under the plan; a table of both."""
+    """Train `steps` steps under the plan, each after one step without it, and compare.
+
+    Both kinds of step train the model the same way (a plan does not change numerics); taking them
+    in turns lets both medians see the machine in the same state. The peaks are measured last.
+    """
     w = workload
     step_args = {"loss_fn": w.loss_closure(), "optimizer": w.optimizer, "autocast_dtype": w.autocast_dtype}
-    unplanned = measure(w.model, w.batch, steps=steps, **step_args)
-    with apply(w.model, plan):
-        times = []
+    unplanned = measure(w.model, w.batch, steps=1, **step_args)
+    handle = apply(w.model, plan)
+    unplanned_ms, planned_ms = [], []
+    try:
         for _ in track(range(steps), description="training under the plan", console=console, transient=True):
-            times.append(_timed_step(w, step_args))
+            handle.remove()
+            unplanned_ms.append(_timed_step(w, step_args))
+            handle.install()
+            planned_ms.append(_timed_step(w, step_args))
         planned = measure(w.model, w.batch, steps=1, warmup=0, **step_args)
-    return comparison_table(plan, unplanned, planned, statistics.median(times))
+    finally:
+        handle.remove()
+    unplanned = replace(unplanned, step_ms=statistics.median(unplanned_ms), steps=steps)
+    return comparison_table(plan, unplanned, planned, statistics.median(planned_ms))
 
 
 def _timed_step(w: Workload, step_args: dict) -> float:

@@ -6,6 +6,7 @@ import fnmatch
 import hashlib
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -73,3 +74,9 @@ def fingerprint(model: nn.Module) -> str:
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
     return h.hexdigest()[:16]
+
+
+
+def buffers_of(modules: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """The buffers of some modules and their submodules, each once."""
+    return list({id(b): b for m in modules for b in m.buffers()}.values())

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from planner.actions import EXPENSIVE_OPS, Action, Choice, Semantics, replay_peak
-from planner.costmodel import REFERENCE, Roofline
+from planner.costmodel import Roofline, roofline_for
 from planner.graph import ProfiledGraph
 from planner.simulator import simulate
 
@@ -105,11 +105,11 @@ class Problem:
 def build_problem(
     graph: ProfiledGraph,
     budget_bytes: int,
-    roofline: Roofline = REFERENCE,
+    roofline: Roofline | None = None,
     max_segment_units: int = MAX_SEGMENT_UNITS,
 ) -> Problem:
-    """Every useful option on the graph, and the rows of its step."""
-    semantics = Semantics(graph, roofline)
+    """Every useful option on the graph, and the rows of its step (`roofline` as in `simulate`)."""
+    semantics = Semantics(graph, roofline or roofline_for(graph))
     sim = simulate(graph)
     ticks = [int(t) for t in sim.timeline.ticks]
     totals = [sim.timeline.total(i) for i in range(len(ticks))]
