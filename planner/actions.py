@@ -148,7 +148,7 @@ class Semantics:
         held: tuple[Release, ...] = ()
         if choice.action is Action.RECOMPUTE:
             replay = self._replay(owned, {r.block for r in releases}, choice.save_ops)
-            extra_ms = sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
+            extra_ms = self.roofline.region_ms + sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
             held = self._held(units, back, owned, choice.save_ops)
             modules = {self.graph.units[u].name: self.graph.units[u].buffer_bytes for u in units}
             snapshot = sum(modules.values())  # a module called twice in the region is copied once
@@ -201,13 +201,13 @@ class Semantics:
         return u.fwd_ms - sum(op.ms for op in u.ops if op.name in save_ops)
 
     def _offload_ms(self, unit: int, nbytes: int) -> float:
-        """Copy time not hidden by the next unit's compute, each way."""
+        """The call's fixed cost, and copy time not hidden by the next unit's compute, each way."""
         copy = self.roofline.copy_ms(nbytes)
         if not self.roofline.copies_overlap:
-            return 2 * copy
+            return self.roofline.offload_call_ms + 2 * copy
         nxt = self.graph.units[unit + 1] if unit + 1 < len(self.graph.units) else None
         hide_fwd, hide_bwd = (nxt.fwd_ms, nxt.bwd_ms) if nxt else (0.0, 0.0)
-        return max(0.0, copy - hide_fwd) + max(0.0, copy - hide_bwd)
+        return self.roofline.offload_call_ms + max(0.0, copy - hide_fwd) + max(0.0, copy - hide_bwd)
 
 
 def replay_peak(effect: Effect) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
+
 from planner.graph import ProfiledGraph, Unit
 
 # Shares of the datasheet peaks that training kernels sustain, used for every catalog GPU.
@@ -38,6 +40,8 @@ class Roofline:
     memory_efficiency: float = 0.6  # share of peak memory bandwidth a real kernel reaches
     device_names: tuple[str, ...] = ()
     copies_overlap: bool = True  # host copies run beside compute (a GPU's side stream), not in its way
+    region_ms: float = 0.0  # fixed cost of one recomputed region (hooks, checkpoint bookkeeping)
+    offload_call_ms: float = 0.0  # fixed cost of one offloaded call
 
     def op_ms(self, flops: int, bytes_moved: int) -> float:
         """Time of one operator in ms: the slower of its math and its memory traffic."""
@@ -58,19 +62,26 @@ REFERENCE = Roofline(flops_per_s=150e12, bytes_per_s=1.5e12, host_bytes_per_s=24
 
 
 def roofline_for(graph: ProfiledGraph) -> Roofline:
-    """The rates that cost plans for `graph` when none are given: those of the device it was
-    measured on (a catalog GPU by its CUDA name; a CPU, whose measured copy rate is paid in full
-    since its copies stop compute), else REFERENCE."""
+    """The rates that cost plans for `graph` when none are given: REFERENCE for estimated times;
+    for times measured on a device, that device's (a catalog GPU by its CUDA name; a CPU's measured
+    copy rate, paid in full since its copies stop compute) with the fixed costs of recompute
+    regions and offloaded calls measured on it (`planner.executor.mechanism_ms`)."""
     if not graph.measured_times:
         return REFERENCE
-    if "host_bytes_per_s" in graph.meta:
-        return replace(REFERENCE, host_bytes_per_s=graph.meta["host_bytes_per_s"], copies_overlap=False)
-    from planner.gpus import load_catalog  # the catalog is built on this module
+    from planner.executor import mechanism_ms  # measured through the executor, which builds on this module
+    from planner.gpus import load_catalog
 
+    rates = REFERENCE
+    if "host_bytes_per_s" in graph.meta:
+        rates = replace(REFERENCE, host_bytes_per_s=graph.meta["host_bytes_per_s"], copies_overlap=False)
     for gpu in load_catalog().values():
         if graph.meta.get("device_name") in gpu.device_names:
-            return gpu.roofline()
-    return REFERENCE
+            rates = gpu.roofline()
+    device = torch.device(graph.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return rates
+    region_ms, offload_call_ms = mechanism_ms(str(device))
+    return replace(rates, region_ms=region_ms, offload_call_ms=offload_call_ms)
 
 
 def retime(graph: ProfiledGraph, roofline: Roofline) -> ProfiledGraph:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils import checkpoint as ckpt
@@ -247,6 +248,7 @@ class _Offloader:
     def __init__(self) -> None:
         self.waiting: _Offloaded | None = None  # the last offloaded call, until the next unit call returns
         self.stream = None
+        self.host_arrays: dict[int, list[np.ndarray]] = {}  # CPU only: arrays free for reuse, by size
 
     def start(self) -> None:
         self.waiting = None
@@ -268,6 +270,10 @@ class _Offloader:
                 if t.grad_fn is not None:
                     t.grad_fn.register_prehook(lambda grads: waiting.fetch())
                     break
+
+    def host_array(self, nbytes: int) -> np.ndarray:
+        free = self.host_arrays.get(nbytes)
+        return free.pop() if free else np.empty(nbytes, np.uint8)
 
     def side_stream(self, device: torch.device):
         if self.stream is None:
@@ -355,7 +361,7 @@ def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
-def _to_host(storage: torch.UntypedStorage, owner: _Offloader | None) -> _HostCopy:
+def _to_host(storage: torch.UntypedStorage, owner: _Offloader) -> _HostCopy:
     data = _bytes_of(storage)
     if storage.device.type == "cuda":
         stream = owner.side_stream(storage.device)
@@ -367,23 +373,71 @@ def _to_host(storage: torch.UntypedStorage, owner: _Offloader | None) -> _HostCo
             event = torch.cuda.Event()
             event.record(stream)
         return _HostCopy(host, storage.device, event)
-    # On the CPU "host memory" is memory outside the tensor allocator: a NumPy copy of the bytes.
-    return _HostCopy(data.numpy().copy(), storage.device)
+    # On the CPU "host memory" is memory outside the tensor allocator: NumPy arrays, kept for reuse
+    # (the same sizes come back every step, and fresh pages cost more than the copy).
+    host = owner.host_array(data.numel())
+    np.copyto(host, data.numpy())
+    return _HostCopy(host, storage.device)
 
 
-def host_copy_bytes_per_s(nbytes: int, repeats: int = 5) -> float:
-    """Bytes per second, each way, of offloading a CPU storage of `nbytes` and bringing it back
-    (median of `repeats` round trips after a warm-up); copies on a CPU do not overlap compute."""
-    storage = torch.empty(max(nbytes, 1), dtype=torch.uint8).untyped_storage()
-    times = []
+@functools.cache
+def mechanism_ms(device: str, repeats: int = 31) -> tuple[float, float]:
+    """What one recomputed region and one offloaded call cost on `device` beyond the forward they
+    replay and the bytes they copy (hooks, checkpoint bookkeeping): (region ms, offload ms).
+
+    Measured once per process on a small two-unit model, each way in turn with the unplanned step,
+    as medians of the differences.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(*(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)) for _ in range(2))).to(device)
+        x = torch.randn(16, 64, device=device)
+
+    def timed(fn) -> float:
+        if model[0][0].weight.is_cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if model[0][0].weight.is_cuda:
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    def step() -> None:
+        model(x).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    def handle(action: Action) -> Handle:
+        plan = Plan(type(model).__name__, fingerprint(model), ("0#0", "1#0"), (Choice(action, (0,)),), 0, "", None, 0.0, 0.0, 0, 0.0, 0.0, 0)
+        return Handle(model, plan)
+
+    recompute, offload = handle(Action.RECOMPUTE), handle(Action.OFFLOAD)
+    diffs: dict[Handle, list[float]] = {recompute: [], offload: []}
+    forward = []
+    for _ in range(repeats + 1):
+        forward.append(timed(lambda: model[0](x)))
+        for h, times in diffs.items():
+            plain = timed(step)
+            h.install()
+            times.append(timed(step) - plain)
+            h.remove()
+    region = statistics.median(diffs[recompute][1:]) - statistics.median(forward[1:])
+    return max(0.0, region), max(0.0, statistics.median(diffs[offload][1:]))
+
+
+def host_copy_bytes_per_s(nbytes: int, repeats: int = 3) -> float:
+    """Bytes per second, each way, of offloading a CPU storage of `nbytes` (at most 64 MiB) and
+    bringing it back (median of `repeats` round trips after a warm-up). What comes back is kept
+    until the end, so that each round trip allocates fresh memory, as in a training step."""
+    storage = torch.empty(min(max(nbytes, 1), 64 << 20), dtype=torch.uint8).untyped_storage()
+    owner, times, restored = _Offloader(), [], []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        _to_device(_to_host(storage, None), None)
+        restored.append(_to_device(_to_host(storage, owner), owner))
         times.append(time.perf_counter() - start)
     return 2 * storage.nbytes() / statistics.median(times[1:])
 
 
-def _to_device(copy: _HostCopy, owner: _Offloader | None) -> torch.UntypedStorage:
+def _to_device(copy: _HostCopy, owner: _Offloader) -> torch.UntypedStorage:
     if copy.device.type == "cuda":
         stream = owner.side_stream(copy.device)
         stream.wait_event(copy.event)
@@ -392,4 +446,6 @@ def _to_device(copy: _HostCopy, owner: _Offloader | None) -> torch.UntypedStorag
         torch.cuda.current_stream(copy.device).wait_stream(stream)
         data.record_stream(torch.cuda.current_stream(copy.device))
         return data.untyped_storage()
-    return torch.from_numpy(copy.data).clone().untyped_storage()
+    storage = torch.from_numpy(copy.data).clone().untyped_storage()
+    owner.host_arrays.setdefault(copy.data.size, []).append(copy.data)
+    return storage

@@ -97,7 +97,7 @@ class _Recorder(StorageTracker):
         self.open: dict[int, _Block] = {}
         self.blocks: list[_Block] = []
         self.other_ms = 0.0
-        self.phase_ms = dict.fromkeys(Phase, 0.0)  # operator time in each phase
+        self.backward_ms = 0.0  # operator time in backward, in units or not
         self.host_bytes_per_s: float | None = None  # CPU offload copy rate, measured
         self.other_flops = 0  # operators outside every unit: loss, optimizer, glue
         self.other_bytes = 0
@@ -134,7 +134,8 @@ class _Recorder(StorageTracker):
         ms = self.op_ms
         if self.estimated_times:
             ms = costmodel.REFERENCE.op_ms(flops, moved)
-        self.phase_ms[self.phase] += ms
+        if self.phase is Phase.BACKWARD:
+            self.backward_ms += ms
         unit = self.units[self.current] if self.current is not None else None
         if self.phase is Phase.FORWARD:
             # an operator's outputs that share an input's storage wrote into it, unless it is a view
@@ -346,10 +347,10 @@ def profile(
         state_after = fixed_bytes({Category.OPTIMIZER: _optimizer_tensors(optimizer)}, device)[Category.OPTIMIZER]
         rec.finish()
         if not rec.estimated_times:
-            _calibrate(rec, _timed_step(model, batch, names, loss_fn, optimizer, autocast_dtype, device))
+            _calibrate(rec, _timed_step(model, batch, names, loss_fn, autocast_dtype, device))
         if device.type == "cpu" and not rec.estimated_times:
-            saved = sorted(b.bytes for b in rec.blocks if b.savers and b.phase is Phase.FORWARD)
-            rec.host_bytes_per_s = host_copy_bytes_per_s(saved[len(saved) // 2] if saved else 1 << 20)
+            saved = [b.bytes for b in rec.blocks if b.savers and b.phase is Phase.FORWARD]
+            rec.host_bytes_per_s = host_copy_bytes_per_s(max(saved, default=1 << 20))
     sizes = fixed_bytes(groups, device)
     first_step_bytes = state_after - sizes[Category.OPTIMIZER]
     sizes[Category.OPTIMIZER] = state_after
@@ -360,14 +361,14 @@ def profile(
 class _Timing:
     units: list[float]  # forward ms of each unit call
     backward_ms: float
-    step_ms: float
 
 
-def _timed_step(model, batch, names, loss_fn, optimizer, autocast_dtype, device: torch.device) -> _Timing:
-    """Times one more step without tracking: each unit call's forward, the backward, the whole step.
+def _timed_step(model, batch, names, loss_fn, autocast_dtype, device: torch.device) -> _Timing:
+    """Times one more forward and backward, untracked: each unit call's forward, and the backward.
 
     The profiled step runs every operator through the tracker, first in the process, so its
-    operator times carry costs a training step does not pay; this step's clock is the truth.
+    operator times carry costs that training does not pay; this step's clock is the truth. A whole
+    forward and backward leaves data-parallel engines as a training step does.
     """
     cuda = device.type == "cuda"
 
@@ -383,31 +384,26 @@ def _timed_step(model, batch, names, loss_fn, optimizer, autocast_dtype, device:
 
     starts, ends, phases = [], [], {}
     with unit_hooks(model, names, lambda *call: starts.append(mark()), lambda output: ends.append(mark())):
-        train_step(model, batch, loss_fn, optimizer, autocast_dtype, lambda phase: phases.__setitem__(phase, mark()))
-    end = mark()
+        train_step(model, batch, loss_fn, None, autocast_dtype, lambda phase: phases.__setitem__(phase, mark()))
     if cuda:
         torch.cuda.synchronize(device)
-    return _Timing(
-        [ms(a, b) for a, b in zip(starts, ends)],
-        ms(phases[Phase.BACKWARD], phases[Phase.OPTIMIZER]),
-        ms(phases[Phase.FORWARD], end),
-    )
+    return _Timing([ms(a, b) for a, b in zip(starts, ends)], ms(phases[Phase.BACKWARD], phases[Phase.OPTIMIZER]))
 
 
 def _calibrate(rec: _Recorder, timing: _Timing) -> None:
-    """Units take their clocked forward time (their operators scaled to it), backward operators
-    share the clocked backward in proportion, and the rest of the step is work outside units."""
-    if len(timing.units) != len(rec.units):  # the model took another path: keep the operator times
+    """Units take their clocked forward times (their operators scaled to them); backward operators
+    share the clocked backward in proportion, and other work shrinks as the forward did."""
+    profiled = sum(u.fwd_ms for u in rec.units)
+    if len(timing.units) != len(rec.units) or not profiled:  # the model took another path: keep the operator times
         return
-    profiled = rec.phase_ms[Phase.BACKWARD]
-    backward_scale = timing.backward_ms / profiled if profiled else 1.0
+    backward_scale = timing.backward_ms / rec.backward_ms if rec.backward_ms else 1.0
     for unit, ms in zip(rec.units, timing.units):
         scale = ms / unit.fwd_ms if unit.fwd_ms else 0.0
         for op in unit.ops:
             op.ms *= scale
         unit.fwd_ms = ms
         unit.bwd_ms *= backward_scale
-    rec.other_ms = max(0.0, timing.step_ms - sum(u.fwd_ms + u.bwd_ms for u in rec.units))
+    rec.other_ms *= sum(timing.units) / profiled
 
 
 def _graph(

@@ -50,7 +50,10 @@ class Simulation:
 def simulate(graph: ProfiledGraph, choices: Iterable[Choice] = (), roofline: Roofline | None = None) -> Simulation:
     """Replay the step's blocks on top of its fixed memory, with `choices` applied and costed on
     `roofline` (default: `costmodel.roofline_for(graph)`)."""
-    events, extra_ms = _events(graph, list(choices), roofline or roofline_for(graph))
+    choices = list(choices)
+    if roofline is None and choices:
+        roofline = roofline_for(graph)
+    events, extra_ms = _events(graph, choices, roofline)
     events.sort(key=lambda e: e[0])
     live = {c: 0 for c in Category} | graph.fixed.by_category()
     total = sum(live[c] for c in FIXED_CATEGORIES)
@@ -74,7 +77,7 @@ def simulate(graph: ProfiledGraph, choices: Iterable[Choice] = (), roofline: Roo
     )
 
 
-def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline) -> tuple[list, float]:
+def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline | None) -> tuple[list, float]:
     """(sort key, bytes delta, category) for every allocation and free under the choices.
 
     Keys order the original event at a tick first, then deaths at that tick,
