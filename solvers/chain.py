@@ -55,6 +55,12 @@ class Model:
     def __post_init__(self) -> None:
         self.live_sets = [set(items) for items in self.live]
         self.free_keys = [(BIG,) * len(items) for items in self.live]
+        # per tracked item, as arrays: need, least, check unit, option (KEEP for rows), its first unit
+        self.item_need = np.array([t.need for t in self.tracked], dtype=np.int64)
+        self.item_least = np.array([t.least for t in self.tracked], dtype=np.int64)
+        self.item_check = np.array([t.check for t in self.tracked], dtype=np.int64)
+        self.item_option = np.array([t.option for t in self.tracked], dtype=np.int64)
+        self.item_first = np.where(self.item_option != KEEP, self.option_first[np.maximum(self.item_option, 0)], -1)
 
     def relevant(self, a: int) -> tuple[dict[int, int], np.ndarray, np.ndarray]:
         """Tracked items that a step from boundary a reads, checks or carries; what each step frees

@@ -187,7 +187,7 @@ def _front(children: dict, nodes: _Nodes, model: Model, a: int, max_states: int)
 
 def _pareto(cost: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Indices of states that no earlier state in order of cost beats on S, in that order."""
-    order = np.argsort(cost, kind="stable")
+    order = np.argsort(cost)
     best = np.maximum.accumulate(s[order])
     return order[np.concatenate([[True], s[order][1:] > best[:-1]])]
 
@@ -217,21 +217,21 @@ def _expand(model: Model, a: int, group: _Group, relevant: tuple, pending: list[
     lowest = thr.astype(np.float64)
     kept = np.full((len(items), len(opt)), BIG, dtype=np.int64)  # K' = V - S after the step, BIG: no constraint
     met_from = np.full((len(items), len(opt)), -np.inf)  # the S from which the item is met
-    for i, r in items.items():
-        item = model.tracked[i]
-        k = here.get(i, 0)  # not live here: initialised from S on this step
-        if k >= BIG:
-            continue
-        shift = k + freed[r]
-        dropped = np.zeros(len(opt), dtype=bool)
-        if item.option != KEEP:  # a replay: no constraint unless its option is the step covering its first unit
-            first = model.option_first[item.option]
-            dropped = (a <= first) & (first <= end) & (opt != item.option)
-        needed = np.where(dropped, -np.inf, item.need - shift)
-        kept[r] = np.where(dropped, BIG, shift - total)
-        met_from[r] = needed - item.least  # met for good: later steps may hold bytes there, no more than least
-        checked = (a <= item.check) & (item.check <= end)
-        lowest = np.where(checked, np.maximum(lowest, needed), lowest)
+    if items:
+        ids = np.fromiter(items, dtype=np.int64, count=len(items))  # in row order
+        k = np.array([here.get(i, 0) for i in items], dtype=np.int64)  # not live here: initialised from S on this step
+        on = k < BIG
+        shift = k[:, None] + freed
+        # a replay: no constraint unless its option is the step covering its first unit
+        first = model.item_first[ids][:, None]
+        dropped = (model.item_option[ids][:, None] != KEEP) & (a <= first) & (first <= end) & (opt != model.item_option[ids][:, None])
+        dropped |= ~on[:, None]
+        needed = np.where(dropped, -np.inf, model.item_need[ids][:, None] - shift)
+        kept = np.where(dropped, BIG, shift - total)
+        met_from = np.where(on[:, None], needed - model.item_least[ids][:, None], -np.inf)  # met for good: later steps hold no more than least
+        check = model.item_check[ids][:, None]
+        checked = (a <= check) & (check <= end) & on[:, None]
+        lowest = np.maximum(lowest, np.where(checked, needed, -np.inf).max(axis=0))
     start = np.searchsorted(group.s, lowest, side="left")
     met_at = np.searchsorted(group.s, met_from, side="left")  # first state for which each item is met
     unmet = ((kept < BIG) & after & (met_at > start)).any(axis=0).tolist()
