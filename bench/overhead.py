@@ -48,6 +48,9 @@ def scenario_rows(name: str, steps: int) -> list[dict]:
                 "measured_peak_bytes": planned.peak_bytes,
                 "predicted_overhead_pct": plan.overhead_pct,
                 "measured_overhead_pct": 100.0 * (planned.step_ms / base.step_ms - 1.0),
+                "regions": sum(c.action.value == "recompute" for c in plan.choices),
+                "offloads": sum(c.action.value == "offload" for c in plan.choices),
+                "predicted_extra_ms": plan.predicted_overhead_ms,
                 "unplanned_ms": base.step_ms,
                 "planned_ms": planned.step_ms,
             }

@@ -148,13 +148,16 @@ class Semantics:
         held: tuple[Release, ...] = ()
         if choice.action is Action.RECOMPUTE:
             replay = self._replay(owned, {r.block for r in releases}, choice.save_ops)
-            extra_ms = self.roofline.region_ms + sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
+            extra_ms = self._fixed_ms(choice.action, len(releases)) + sum(
+                self._recompute_ms(u, choice.save_ops) for u in choice.units
+            )
             held = self._held(units, back, owned, choice.save_ops)
             modules = {self.graph.units[u].name: self.graph.units[u].buffer_bytes for u in units}
             snapshot = sum(modules.values())  # a module called twice in the region is copied once
         else:
             replay = tuple((r.block, self.graph.blocks[r.block].bytes) for r in releases)
-            extra_ms = self._offload_ms(choice.units[0], sum(self.graph.blocks[r.block].bytes for r in releases))
+            nbytes = sum(self.graph.blocks[r.block].bytes for r in releases)
+            extra_ms = self._fixed_ms(choice.action, len(releases)) + self._offload_ms(choice.units[0], nbytes)
             snapshot = 0
         return Effect(releases, held, back, replay, extra_ms, snapshot)
 
@@ -201,13 +204,22 @@ class Semantics:
         return u.fwd_ms - sum(op.ms for op in u.ops if op.name in save_ops)
 
     def _offload_ms(self, unit: int, nbytes: int) -> float:
-        """The call's fixed cost, and copy time not hidden by the next unit's compute, each way."""
+        """Copy time not hidden by the next unit's compute, each way."""
         copy = self.roofline.copy_ms(nbytes)
         if not self.roofline.copies_overlap:
-            return self.roofline.offload_call_ms + 2 * copy
+            return 2 * copy
         nxt = self.graph.units[unit + 1] if unit + 1 < len(self.graph.units) else None
         hide_fwd, hide_bwd = (nxt.fwd_ms, nxt.bwd_ms) if nxt else (0.0, 0.0)
-        return self.roofline.offload_call_ms + max(0.0, copy - hide_fwd) + max(0.0, copy - hide_bwd)
+        return max(0.0, copy - hide_fwd) + max(0.0, copy - hide_bwd)
+
+    def _fixed_ms(self, action: Action, storages: int) -> float:
+        """The executor's own cost of a choice that frees `storages` storages (measured per device)."""
+        m = self.roofline.mechanism
+        if m is None:
+            return 0.0
+        if action is Action.RECOMPUTE:
+            return m.region_ms + m.region_storage_ms * storages
+        return m.offload_ms + m.offload_storage_ms * storages
 
 
 def replay_peak(effect: Effect) -> int:

@@ -11,6 +11,7 @@ share of the datasheet figure that real training kernels sustain.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -40,8 +41,7 @@ class Roofline:
     memory_efficiency: float = 0.6  # share of peak memory bandwidth a real kernel reaches
     device_names: tuple[str, ...] = ()
     copies_overlap: bool = True  # host copies run beside compute (a GPU's side stream), not in its way
-    region_ms: float = 0.0  # fixed cost of one recomputed region (hooks, checkpoint bookkeeping)
-    offload_call_ms: float = 0.0  # fixed cost of one offloaded call
+    mechanism: Any = None  # `planner.executor.Mechanism`: what recompute and offload cost beyond the work
 
     def op_ms(self, flops: int, bytes_moved: int) -> float:
         """Time of one operator in ms: the slower of its math and its memory traffic."""
@@ -65,10 +65,10 @@ def roofline_for(graph: ProfiledGraph) -> Roofline:
     """The rates that cost plans for `graph` when none are given: REFERENCE for estimated times;
     for times measured on a device, that device's (a catalog GPU by its CUDA name; a CPU's measured
     copy rate, paid in full since its copies stop compute) with the fixed costs of recompute
-    regions and offloaded calls measured on it (`planner.executor.mechanism_ms`)."""
+    regions and offloaded calls measured on it (`planner.executor.mechanism`)."""
     if not graph.measured_times:
         return REFERENCE
-    from planner.executor import mechanism_ms  # measured through the executor, which builds on this module
+    from planner.executor import mechanism  # measured through the executor, which builds on this module
     from planner.gpus import load_catalog
 
     rates = REFERENCE
@@ -80,8 +80,7 @@ def roofline_for(graph: ProfiledGraph) -> Roofline:
     device = torch.device(graph.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return rates
-    region_ms, offload_call_ms = mechanism_ms(str(device))
-    return replace(rates, region_ms=region_ms, offload_call_ms=offload_call_ms)
+    return replace(rates, mechanism=mechanism(str(device)))
 
 
 def retime(graph: ProfiledGraph, roofline: Roofline) -> ProfiledGraph:

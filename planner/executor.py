@@ -380,25 +380,43 @@ def _to_host(storage: torch.UntypedStorage, owner: _Offloader) -> _HostCopy:
     return _HostCopy(host, storage.device)
 
 
-@functools.cache
-def mechanism_ms(device: str, repeats: int = 31) -> tuple[float, float]:
-    """What one recomputed region and one offloaded call cost on `device` beyond the forward they
-    replay and the bytes they copy (hooks, checkpoint bookkeeping): (region ms, offload ms).
+@dataclass(frozen=True)
+class Mechanism:
+    """What the executor costs on a device beyond the forward a region replays and the bytes an
+    offload copies (hooks, checkpoint and copy bookkeeping): per choice, and per storage it frees."""
 
-    Measured once per process on a small two-unit model, each way in turn with the unplanned step,
-    as medians of the differences.
-    """
+    region_ms: float
+    region_storage_ms: float
+    offload_ms: float
+    offload_storage_ms: float
+
+
+@functools.cache
+def mechanism(device: str, repeats: int = 21) -> Mechanism:
+    """`Mechanism` measured once per process on small models whose first unit saves few storages or
+    many: each plan in turn with the unplanned step, medians of the differences, fitted by a line."""
+    points = [_mechanism_point(device, layers, repeats) for layers in (1, 6)]
+    (n1, r1, o1), (n2, r2, o2) = points
+    region_slope, offload_slope = max(0.0, (r2 - r1) / (n2 - n1)), max(0.0, (o2 - o1) / (n2 - n1))
+    return Mechanism(max(0.0, r1 - region_slope * n1), region_slope, max(0.0, o1 - offload_slope * n1), offload_slope)
+
+
+def _mechanism_point(device: str, layers: int, repeats: int) -> tuple[int, float, float]:
+    """(storages the first unit saves, region ms beyond its forward, offload ms) for units of `layers` layers."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = nn.Sequential(*(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)) for _ in range(2))).to(device)
+        model = nn.Sequential(
+            *(nn.Sequential(*(m for _ in range(layers) for m in (nn.Linear(64, 64), nn.GELU()))) for _ in range(2))
+        ).to(device)
         x = torch.randn(16, 64, device=device)
+    cuda = x.is_cuda
 
     def timed(fn) -> float:
-        if model[0][0].weight.is_cuda:
+        if cuda:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
-        if model[0][0].weight.is_cuda:
+        if cuda:
             torch.cuda.synchronize(device)
         return (time.perf_counter() - start) * 1e3
 
@@ -410,6 +428,10 @@ def mechanism_ms(device: str, repeats: int = 31) -> tuple[float, float]:
         plan = Plan(type(model).__name__, fingerprint(model), ("0#0", "1#0"), (Choice(action, (0,)),), 0, "", None, 0.0, 0.0, 0, 0.0, 0.0, 0)
         return Handle(model, plan)
 
+    skip = {storage_key(t) for t in [x, *model.parameters()]}
+    saved = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(storage_key(t)) or t, lambda t: t):
+        model[0](x)
     recompute, offload = handle(Action.RECOMPUTE), handle(Action.OFFLOAD)
     diffs: dict[Handle, list[float]] = {recompute: [], offload: []}
     forward = []
@@ -421,7 +443,7 @@ def mechanism_ms(device: str, repeats: int = 31) -> tuple[float, float]:
             times.append(timed(step) - plain)
             h.remove()
     region = statistics.median(diffs[recompute][1:]) - statistics.median(forward[1:])
-    return max(0.0, region), max(0.0, statistics.median(diffs[offload][1:]))
+    return len(saved - skip), region, statistics.median(diffs[offload][1:])
 
 
 def host_copy_bytes_per_s(nbytes: int, repeats: int = 3) -> float:
