@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -39,7 +40,7 @@ from planner.scenario import list_scenarios, load_scenario
 from solvers import build_problem
 from solvers.ilp import min_peak
 
-STEPS = 5
+STEPS = 7  # method steps, each after an unplanned one
 QUICK_SCENARIOS = ("resnet", "vgg")
 ORDER = ("vgg", "resnet", "lstm", "gpt", "unet", "lstm_cell")  # cheapest first; lstm_cell (slowest step) last
 COMPILE_BUDGETS = (0.5, 0.1)
@@ -132,20 +133,39 @@ class Scenario:
         self.unplanned_bytes = planner.simulate(self.graph).peak_bytes
         self.smallest_bytes = int(min_peak(build_problem(self.graph, 0), 10.0)[0])
         self.chain = build_problem(self.graph, 0).chain
+        self.reference_ms: list[float] = []  # every unplanned step timed in turn with a method's
 
     def measure(self):
         w = self.work
         return planner.measure(w.model, w.batch, loss_fn=w.loss_closure(), optimizer=w.optimizer,
-                               autocast_dtype=w.autocast_dtype, steps=STEPS, warmup=1)
+                               autocast_dtype=w.autocast_dtype, steps=1, warmup=1)
+
+    def timed_step(self) -> float:
+        start = time.perf_counter()
+        self.work.step()
+        return (time.perf_counter() - start) * 1e3
+
+    def measure_under(self, method) -> tuple[int, float]:
+        """Peak under `method` (a function returning a fresh context), and its step time as a ratio:
+        the median of STEPS method steps over that of STEPS unplanned steps taken in turns with them."""
+        with method():
+            peak = self.measure().peak_bytes
+        plain, under = [], []
+        for _ in range(STEPS):
+            plain.append(self.timed_step())
+            with method():
+                under.append(self.timed_step())
+        self.reference_ms += plain
+        return peak, statistics.median(under) / statistics.median(plain)
 
     def measured_row(self, method: str, context, note: str) -> Row:
-        """Measure under `context`; a method that fails to run is a row with its error."""
+        """Measure under `context` (a function returning a fresh one); a method that fails to run is a
+        row with its error."""
         try:
-            with context:
-                m = self.measure()
+            peak, ratio = self.measure_under(context)
         except RuntimeError as e:
             return Row(method, None, None, None, note=f"n/a ({str(e).splitlines()[0][:120]})")
-        return Row(method, None, m.peak_bytes, m.step_ms, note=note)
+        return Row(method, None, peak, ratio, note=note)
 
     def budgets(self, quick: bool) -> list[int]:
         """100% of the unplanned peak, then 90%, 80%, ... above the smallest, and the smallest + 2%."""
@@ -162,20 +182,20 @@ def run_scenario(name: str, quick: bool, compile_note: str, log) -> dict:
     log(f"{name}: {len(s.graph.units)} units, unplanned {s.unplanned_bytes / 2**20:.1f} MiB, "
         f"smallest {s.smallest_bytes / 2**20:.1f} MiB, chain={s.chain}")
     ref = s.measure()
-    rows = [Row("no checkpointing", None, ref.peak_bytes, ref.step_ms, s.unplanned_bytes, 0.0, SAME_AS_REFERENCE)]
-    rows.append(s.measured_row("checkpoint every unit", checkpoint_every_unit(s.work.model, s.graph),
+    rows = [Row("no checkpointing", None, ref.peak_bytes, 1.0, s.unplanned_bytes, 0.0, SAME_AS_REFERENCE)]
+    rows.append(s.measured_row("checkpoint every unit", lambda: checkpoint_every_unit(s.work.model, s.graph),
                                "inplace activations off"))
     body = sequential_body(s.work.model)
     if body is None:
         rows.append(Row("checkpoint_sequential sqrt(n)", None, None, None, note="n/a (not sequential)"))
     else:
-        rows.append(s.measured_row("checkpoint_sequential sqrt(n)", checkpoint_sqrt_segments(body[1]),
+        rows.append(s.measured_row("checkpoint_sequential sqrt(n)", lambda: checkpoint_sqrt_segments(body[1]),
                                    f"on {body[0] or 'the model'}, {len(body[1])} layers, inplace off"))
     log(f"{name}: baselines done ({time.perf_counter() - began:.0f} s)")
     rows += planner_rows(s, quick, ref, log)
-    again = s.measure()  # the reference again: on a shared machine its time drifts; the mean of both is used
-    ref_ms, first_ms = (ref.step_ms + again.step_ms) / 2, ref.step_ms
-    rows = [replace(r, step_ms=ref_ms) if r.note.startswith(SAME_AS_REFERENCE) else r for r in rows]
+    # step times were ratios to the unplanned steps taken in turn with them: scaled by all of those
+    ref_ms = statistics.median(s.reference_ms)
+    rows = [r if r.step_ms is None else replace(r, step_ms=r.step_ms * ref_ms) for r in rows]
     ref = replace(ref, step_ms=ref_ms)
     if compile_note:
         rows += [Row(f"torch.compile, activation_memory_budget={b:g}", None, None, None, note=compile_note)
@@ -184,7 +204,8 @@ def run_scenario(name: str, quick: bool, compile_note: str, log) -> dict:
         rows += baselines_compile_runner.compile_rows(name, COMPILE_BUDGETS, ref, Row, log)
     return {"scenario": name, "units": len(s.graph.units), "chain": s.chain,
             "unplanned_bytes": s.unplanned_bytes, "smallest_bytes": s.smallest_bytes,
-            "profiled_step_ms": s.graph.step_ms, "reference_step_ms": ref_ms, "reference_step_ms_runs": [first_ms, again.step_ms],
+            "profiled_step_ms": s.graph.step_ms, "reference_step_ms": ref_ms,
+            "reference_step_ms_range": [min(s.reference_ms), max(s.reference_ms)],
             "seconds": time.perf_counter() - began,
             "rows": [asdict(r) for r in rows]}
 
@@ -204,17 +225,16 @@ def planner_rows(s: Scenario, quick: bool, ref, log) -> list[Row]:
             continue
         key = plan.choices
         if key not in measured:
-            if plan.predicted_overhead_ms == 0 and plan.predicted_peak_bytes == s.unplanned_bytes:
-                measured[key] = (ref.step_ms, ref.peak_bytes)
+            if not plan.choices:
+                measured[key] = (1.0, ref.peak_bytes)
             else:
-                with planner.apply(s.work.model, plan):
-                    m = s.measure()
-                measured[key] = (m.step_ms, m.peak_bytes)
-        step_ms, peak = measured[key]
-        same = SAME_AS_REFERENCE + "; " if (step_ms, peak) == (ref.step_ms, ref.peak_bytes) else ""
-        rows.append(Row(label, budget, peak, step_ms, plan.predicted_peak_bytes, plan.predicted_overhead_ms,
+                peak, ratio = s.measure_under(lambda: planner.apply(s.work.model, plan))
+                measured[key] = (ratio, peak)
+        ratio, peak = measured[key]
+        same = SAME_AS_REFERENCE + "; " if not plan.choices else ""
+        rows.append(Row(label, budget, peak, ratio, plan.predicted_peak_bytes, plan.predicted_overhead_ms,
                         note=f"{same}{plan.status.name.lower()}, solved in {plan.solve_s:.2f} s"))
-        log(f"{s.name}: {label} @ {budget} -> {peak} B, {step_ms:.0f} ms")
+        log(f"{s.name}: {label} @ {budget} -> {peak} B, x{ratio:.2f}")
     return rows
 
 

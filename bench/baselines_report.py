@@ -16,9 +16,9 @@ def _rows_md(scenario: dict) -> list[str]:
         f"### {scenario['scenario']}",
         "",
         f"{scenario['units']} units, chain: {scenario['chain']}; unplanned peak {_mib(unplanned)} MiB, smallest "
-        f"feasible {_mib(scenario['smallest_bytes'])} MiB; no-checkpointing step {ref_ms:.0f} ms (mean of "
-        f"{' and '.join(f'{t:.0f}' for t in scenario['reference_step_ms_runs'])} ms, measured first and last); "
-        f"{scenario['seconds']:.0f} s to run.",
+        f"feasible {_mib(scenario['smallest_bytes'])} MiB; no-checkpointing step {ref_ms:.0f} ms (median of the "
+        f"unplanned steps timed in turns with the methods, from {scenario['reference_step_ms_range'][0]:.0f} to "
+        f"{scenario['reference_step_ms_range'][1]:.0f} ms); {scenario['seconds']:.0f} s to run.",
         "",
         "| method | budget MiB (%) | measured peak MiB (%) | step time × | predicted peak MiB | predicted overhead | held | note |",
         "|---|---|---|---|---|---|---|---|",
@@ -42,10 +42,11 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        f"Machine: {m['nproc']} CPUs, {m['cpu']}; torch {m['torch']}, Python {m['python']}. Each method: median of "
-        f"{report['steps']} timed steps after 1 warm-up, peak of one more step (live tensor storages; torch.compile "
-        "rows from the process high-water mark). Step time × is relative to no checkpointing in the same run; "
-        "predicted overhead is relative to the step time of the profile. Held: measured peak <= budget.",
+        f"Machine: {m['nproc']} CPUs, {m['cpu']}; torch {m['torch']}, Python {m['python']}. Each method: the peak "
+        "of one step after a warm-up (live tensor storages; torch.compile rows from the process high-water mark), "
+        f"and {report['steps']} timed steps, each after an unplanned one: step time × is the median of the method's "
+        "steps over the median of those unplanned steps (torch.compile: compiled over eager in its own process). "
+        "Predicted overhead is relative to the step time of the profile. Held: measured peak <= budget.",
         "",
     ]
     for scenario in report["scenarios"]:
