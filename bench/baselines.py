@@ -45,6 +45,7 @@ QUICK_SCENARIOS = ("resnet", "vgg")
 ORDER = ("vgg", "resnet", "lstm", "gpt", "unet", "lstm_cell")  # cheapest first; lstm_cell (slowest step) last
 COMPILE_BUDGETS = (0.5, 0.1)
 SOLVERS = ("ilp", "greedy", "dp")
+MATCHED = "planner (auto) at a baseline's peak"
 SAME_AS_REFERENCE = "no checkpointing"  # note of rows whose plan keeps everything: the reference's numbers
 
 
@@ -168,11 +169,11 @@ class Scenario:
         return Row(method, None, peak, ratio, note=note)
 
     def budgets(self, quick: bool) -> list[int]:
-        """100% of the unplanned peak, then 90%, 80%, ... above the smallest, and the smallest + 2%."""
-        low = int(self.smallest_bytes * 1.02)
+        """100% of the unplanned peak, then 90%, 80%, ... above the smallest, and the smallest."""
+        low = self.smallest_bytes
         if quick:
             return [self.unplanned_bytes, low]
-        shares = [s / 10 for s in range(9, 0, -1) if s / 10 * self.unplanned_bytes > low * 1.03]
+        shares = [s / 10 for s in range(9, 0, -1) if s / 10 * self.unplanned_bytes > low * 1.05]
         return [self.unplanned_bytes] + [int(s * self.unplanned_bytes) for s in shares] + [low]
 
 
@@ -191,17 +192,18 @@ def run_scenario(name: str, quick: bool, compile_note: str, log) -> dict:
     else:
         rows.append(s.measured_row("checkpoint_sequential sqrt(n)", lambda: checkpoint_sqrt_segments(body[1]),
                                    f"on {body[0] or 'the model'}, {len(body[1])} layers, inplace off"))
-    log(f"{name}: baselines done ({time.perf_counter() - began:.0f} s)")
-    rows += planner_rows(s, quick, ref, log)
-    # step times were ratios to the unplanned steps taken in turn with them: scaled by all of those
-    ref_ms = statistics.median(s.reference_ms)
-    rows = [r if r.step_ms is None else replace(r, step_ms=r.step_ms * ref_ms) for r in rows]
-    ref = replace(ref, step_ms=ref_ms)
     if compile_note:
         rows += [Row(f"torch.compile, activation_memory_budget={b:g}", None, None, None, note=compile_note)
                  for b in COMPILE_BUDGETS]
-    else:
-        rows += baselines_compile_runner.compile_rows(name, COMPILE_BUDGETS, ref, Row, log)
+    else:  # step time as a ratio, like the others: the reference is 1
+        rows += baselines_compile_runner.compile_rows(name, COMPILE_BUDGETS, replace(ref, step_ms=1.0), Row, log)
+    log(f"{name}: baselines done ({time.perf_counter() - began:.0f} s)")
+    # the planner also at each baseline's measured peak, for the head-to-head comparison
+    matched = sorted({r.peak_bytes for r in rows[1:] if r.peak_bytes and s.smallest_bytes <= r.peak_bytes < s.unplanned_bytes})
+    rows += planner_rows(s, quick, ref, log, matched)
+    # step times were ratios to the unplanned steps taken in turn with them: scaled by all of those
+    ref_ms = statistics.median(s.reference_ms)
+    rows = [r if r.step_ms is None else replace(r, step_ms=r.step_ms * ref_ms) for r in rows]
     return {"scenario": name, "units": len(s.graph.units), "chain": s.chain,
             "unplanned_bytes": s.unplanned_bytes, "smallest_bytes": s.smallest_bytes,
             "profiled_step_ms": s.graph.step_ms, "reference_step_ms": ref_ms,
@@ -210,13 +212,15 @@ def run_scenario(name: str, quick: bool, compile_note: str, log) -> dict:
             "rows": [asdict(r) for r in rows]}
 
 
-def planner_rows(s: Scenario, quick: bool, ref, log) -> list[Row]:
-    """The planner's baselines (once, with no budget) and its solvers at each budget; equal plans measured once."""
+def planner_rows(s: Scenario, quick: bool, ref, log, matched: list[int]) -> list[Row]:
+    """The planner's baselines (once, with no budget), its solvers at each budget, and its default solver
+    at each budget in `matched` (the baselines' peaks); equal plans measured once."""
     measured: dict[tuple, tuple[float, int]] = {}
     rows = []
     jobs = [(f"planner: {b} (baseline)", b, None) for b in ("all", "sqrt")]
     solvers = [x for x in SOLVERS if x != "dp" or s.chain]
     jobs += [(f"planner: {x}", x, b) for b in s.budgets(quick) for x in solvers]
+    jobs += [(MATCHED, "auto", b) for b in matched]
     for label, solver, budget in jobs:
         try:
             plan = planner.plan(s.graph, budget if budget is not None else 10 * s.unplanned_bytes, solver=solver)

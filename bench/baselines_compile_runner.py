@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-TIMEOUT_S = 75.0  # eager warm-up (~10 s) plus every compile; what did not finish by then is n/a
+TIMEOUT_S = 150.0  # eager warm-up (~10 s) plus every compile; what did not finish by then is n/a
 
 
 def compile_rows(name: str, budgets: tuple[float, ...], ref, row, log) -> list:

@@ -32,6 +32,37 @@ def _rows_md(scenario: dict) -> list[str]:
             "yes" if r["peak_bytes"] <= r["budget_bytes"] else "**no**")
         lines.append(f"| {r['method']} | {budget} | {peak} | {rel} | {_mib(r['predicted_peak_bytes'])} | {over} | "
                      f"{held} | {r['note']} |")
+    return lines + [""] + _head_to_head(scenario)
+
+
+BASELINES = ("checkpoint every unit", "checkpoint_sequential", "torch.compile")
+MATCHED = "planner (auto) at a baseline's peak"
+
+
+def head_to_head(scenario: dict) -> list[tuple[dict, dict | None]]:
+    """Each baseline that ran, with the planner's row at a budget of the baseline's measured peak
+    (None where that peak is below the smallest feasible one, or at the unplanned peak)."""
+    rows = scenario["rows"]
+    planner = {r["budget_bytes"]: r for r in rows if r["method"] == MATCHED and r["peak_bytes"] is not None}
+    return [(r, planner.get(r["peak_bytes"])) for r in rows
+            if r["method"].startswith(BASELINES) and r["peak_bytes"] is not None and r["step_ms"] is not None]
+
+
+def _head_to_head(scenario: dict) -> list[str]:
+    pairs = head_to_head(scenario)
+    if not pairs:
+        return []
+    ref_ms = scenario["reference_step_ms"]
+    lines = ["| baseline | its peak MiB | its step × | planner at that budget: peak MiB | step × | planner on or below |",
+             "|---|---|---|---|---|---|"]
+    for b, p in pairs:
+        if p is None:
+            why = "below the smallest feasible peak" if b["peak_bytes"] < scenario["smallest_bytes"] else "no saving"
+            lines.append(f"| {b['method']} | {_mib(b['peak_bytes'])} | {b['step_ms'] / ref_ms:.2f} | — | — | n/a ({why}) |")
+            continue
+        ok = p["step_ms"] <= b["step_ms"] and p["peak_bytes"] <= b["peak_bytes"]
+        lines.append(f"| {b['method']} | {_mib(b['peak_bytes'])} | {b['step_ms'] / ref_ms:.2f} | {_mib(p['peak_bytes'])} | "
+                     f"{p['step_ms'] / ref_ms:.2f} | {'yes' if ok else '**no**'} |")
     return lines + [""]
 
 
