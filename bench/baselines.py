@@ -198,8 +198,10 @@ def run_scenario(name: str, quick: bool, compile_note: str, log) -> dict:
     else:  # step time as a ratio, like the others: the reference is 1
         rows += baselines_compile_runner.compile_rows(name, COMPILE_BUDGETS, replace(ref, step_ms=1.0), Row, log)
     log(f"{name}: baselines done ({time.perf_counter() - began:.0f} s)")
-    # the planner also at each baseline's measured peak, for the head-to-head comparison
-    matched = sorted({r.peak_bytes for r in rows[1:] if r.peak_bytes and s.smallest_bytes <= r.peak_bytes < s.unplanned_bytes})
+    # the planner also at each baseline's measured peak, for the head-to-head comparison (at the smallest
+    # feasible budget where a baseline is below it by less than 1%: the prediction errs high by a few bytes)
+    peaks = [r.peak_bytes for r in rows[1:] if r.peak_bytes and 0.99 * s.smallest_bytes <= r.peak_bytes < s.unplanned_bytes]
+    matched = sorted({max(p, s.smallest_bytes) for p in peaks})
     rows += planner_rows(s, quick, ref, log, matched)
     # step times were ratios to the unplanned steps taken in turn with them: scaled by all of those
     ref_ms = statistics.median(s.reference_ms)

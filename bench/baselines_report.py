@@ -40,11 +40,12 @@ MATCHED = "planner (auto) at a baseline's peak"
 
 
 def head_to_head(scenario: dict) -> list[tuple[dict, dict | None]]:
-    """Each baseline that ran, with the planner's row at a budget of the baseline's measured peak
-    (None where that peak is below the smallest feasible one, or at the unplanned peak)."""
+    """Each baseline that ran, with the planner's row at a budget of the baseline's measured peak, or of
+    the smallest feasible one where that is higher by less than 1% (None further below, or at the
+    unplanned peak)."""
     rows = scenario["rows"]
     planner = {r["budget_bytes"]: r for r in rows if r["method"] == MATCHED and r["peak_bytes"] is not None}
-    return [(r, planner.get(r["peak_bytes"])) for r in rows
+    return [(r, planner.get(max(r["peak_bytes"], scenario["smallest_bytes"]))) for r in rows
             if r["method"].startswith(BASELINES) and r["peak_bytes"] is not None and r["step_ms"] is not None]
 
 
