@@ -101,7 +101,7 @@ def plot(scenario: dict, path: Path) -> None:
     for r in scenario["rows"]:
         if r["peak_bytes"] is not None and r["step_ms"] is not None:
             methods.setdefault(r["method"], []).append((r["peak_bytes"] / 2**20, r["step_ms"] / ref_ms))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     markers = "os^vD<>pXh*"
     for i, (method, points) in enumerate(methods.items()):
         points.sort()
@@ -111,7 +111,7 @@ def plot(scenario: dict, path: Path) -> None:
     ax.set_ylabel("step time relative to no checkpointing")
     ax.set_title(f"{scenario['scenario']} (small): overhead against peak")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch._guards import detect_fake_mode
+from torch.utils import flop_counter
 from torch.utils.flop_counter import flop_registry
 
 from planner import costmodel
@@ -236,9 +237,26 @@ class _Recorder(StorageTracker):
         self.current = None
 
 
+# Most FLOP formulas take shapes, through a wrapper that walks the arguments with pytree: slow per operator.
+_TAKES_SHAPES = flop_counter.shape_wrapper(lambda: 0).__code__
+
+
 def _flops(func, args, kwargs, out) -> int:
     count = flop_registry.get(func.overloadpacket)
-    return int(count(*args, **kwargs, out_val=out)) if count is not None else 0
+    if count is None:
+        return 0
+    if count.__code__ is _TAKES_SHAPES:
+        shapes = {k: _shape(v) for k, v in kwargs.items()}
+        return int(count.__wrapped__(*map(_shape, args), out_shape=_shape(out), **shapes))
+    return int(count(*args, **kwargs, out_val=out))
+
+
+def _shape(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.shape
+    if type(value) in (list, tuple):
+        return type(value)(map(_shape, value))
+    return value
 
 
 @contextlib.contextmanager
