@@ -17,7 +17,6 @@ tradeoff_<scenario>.png next to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex

@@ -141,7 +141,6 @@ def _option(action, units, freed, back, allocated, cost, save_ops, held=()) -> O
 
 def _curve(rng: np.random.Generator, units: list[dict], bwd_start: np.ndarray, end_tick: int) -> np.ndarray:
     """Unplanned bytes alive at each tick."""
-    n = len(units)
     delta = np.zeros(end_tick + 2, dtype=np.int64)
     total = 0
     for u, unit in enumerate(units):

@@ -9,9 +9,10 @@ plan says for this call (the n-th call of the module in the current forward
 of the model) and runs it:
 
 - recompute: through PyTorch's non-reentrant checkpoint, one region per run
-  of units, with a selective-save policy for operators the plan keeps; any
-  buffer the region's forward mutates (batch-norm statistics) is restored
-  after the replay, so the replay changes nothing but what backward needs;
+  of units, with a selective-save policy for operators the plan keeps; the
+  buffers of the region's modules (batch-norm statistics) are copied while
+  it replays and put back, so the replay changes nothing but what backward
+  needs;
 - offload: tensors the unit saves for backward, other than parameters, its
   inputs and its outputs, go to host memory when the unit returns (pinned,
   on a side stream, on CUDA) and come back when backward reaches the next
@@ -39,6 +40,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_t
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from planner.actions import Action, Choice
+from planner.step import timed_ms
 from planner.tracking import storage_key, tensors_in
 from planner.units import buffers_of, fingerprint
 from solvers.plan import Plan
@@ -202,7 +204,7 @@ class Handle:
             region.generator = None  # the generator refers to the region: no cycle may outlive the step
 
     def _replay(self, region: _Region, *args, **kwargs) -> None:
-        """Run the region's forward again from its first inputs, leaving the buffers it writes as they are."""
+        """Run the region's forward again from its first inputs; its units' buffers are left as they were."""
         with _outside_checkpoint_modes(), torch.no_grad():
             snapshot = [b.clone() for b in region.buffers]
         self.depth += 1
@@ -409,16 +411,6 @@ def _mechanism_point(device: str, layers: int, repeats: int) -> tuple[int, float
             *(nn.Sequential(*(m for _ in range(layers) for m in (nn.Linear(64, 64), nn.GELU()))) for _ in range(2))
         ).to(device)
         x = torch.randn(16, 64, device=device)
-    cuda = x.is_cuda
-
-    def timed(fn) -> float:
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) * 1e3
 
     def step() -> None:
         model(x).sum().backward()
@@ -436,11 +428,11 @@ def _mechanism_point(device: str, layers: int, repeats: int) -> tuple[int, float
     diffs: dict[Handle, list[float]] = {recompute: [], offload: []}
     forward = []
     for _ in range(repeats + 1):
-        forward.append(timed(lambda: model[0](x)))
+        forward.append(timed_ms(lambda: model[0](x), x.device))
         for h, times in diffs.items():
-            plain = timed(step)
+            plain = timed_ms(step, x.device)
             h.install()
-            times.append(timed(step) - plain)
+            times.append(timed_ms(step, x.device) - plain)
             h.remove()
     region = statistics.median(diffs[recompute][1:]) - statistics.median(forward[1:])
     return len(saved - skip), region, statistics.median(diffs[offload][1:])

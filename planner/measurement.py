@@ -11,7 +11,6 @@ number generators are restored afterwards.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from planner.profiler import fixed_groups, fixed_bytes, preserved
-from planner.step import Batch, LossFn, device_of, train_step
+from planner.step import Batch, LossFn, device_of, timed_ms, train_step
 from planner.tracking import StorageTracker
 
 
@@ -54,25 +53,12 @@ def measure(
     with preserved(model, optimizer):
         for _ in range(warmup):
             step()
-        times = [_timed(step, device) for _ in range(steps)]
+        times = [timed_ms(step, device) for _ in range(steps)]
         if device.type == "cuda":
             peak, reserved = _cuda_peak(step, device)
         else:
             peak, reserved = _tracked_peak(step, model, batch, optimizer, device), None
     return Measurement(str(device), peak, reserved, statistics.median(times), steps)
-
-
-def _timed(step, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    step()
-    _sync(device)
-    return (time.perf_counter() - start) * 1e3
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _tracked_peak(step, model: nn.Module, batch: Batch, optimizer, device: torch.device) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,3 +91,14 @@ def train_step(
         for p in model.parameters():
             p.grad = None
     return loss.detach()
+
+
+def timed_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of `fn()` in ms, with the device's queued work finished before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import replace
 
-import torch
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -14,7 +12,7 @@ from rich.table import Table
 from planner.executor import apply
 from planner.measurement import Measurement, measure
 from planner.report import format_bytes
-from planner.step import train_step
+from planner.step import timed_ms, train_step
 from planner.workload import Workload
 from solvers.plan import Plan
 
@@ -36,14 +34,18 @@ def run_under_plan(
     w = workload
     step_args = {"loss_fn": w.loss_closure(), "optimizer": w.optimizer, "autocast_dtype": w.autocast_dtype}
     unplanned = measure(w.model, w.batch, steps=1, **step_args)
+
+    def step() -> None:
+        train_step(w.model, w.batch, **step_args)
+
     handle = apply(w.model, plan)
     unplanned_ms, planned_ms = [], []
     try:
         for _ in track(range(steps), description="training under the plan", console=console, transient=True):
             handle.remove()
-            unplanned_ms.append(_timed_step(w, step_args))
+            unplanned_ms.append(timed_ms(step, w.device))
             handle.install()
-            planned_ms.append(_timed_step(w, step_args))
+            planned_ms.append(timed_ms(step, w.device))
         planned = measure(w.model, w.batch, steps=1, warmup=0, **step_args)
     finally:
         handle.remove()
@@ -51,16 +53,6 @@ def run_under_plan(
         replace(unplanned, step_ms=statistics.median(unplanned_ms), steps=steps),
         replace(planned, step_ms=statistics.median(planned_ms), steps=steps),
     )
-
-
-def _timed_step(w: Workload, step_args: dict) -> float:
-    if w.device.type == "cuda":
-        torch.cuda.synchronize(w.device)
-    start = time.perf_counter()
-    train_step(w.model, w.batch, **step_args)
-    if w.device.type == "cuda":
-        torch.cuda.synchronize(w.device)
-    return (time.perf_counter() - start) * 1e3
 
 
 def comparison_table(plan: Plan, unplanned: Measurement, planned: Measurement) -> Table:
