@@ -60,7 +60,7 @@ def scenario_rows(name: str, steps: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=15, help="planned (and as many unplanned) steps per plan")
+    parser.add_argument("--steps", type=int, default=25, help="planned (and as many unplanned) steps per plan")
     args = parser.parse_args()
     rows = [r for name in list_scenarios() if name != "gpt7b" for r in scenario_rows(name, args.steps)]
     print("| scenario | budget | peak predicted / measured | overhead predicted | measured | difference |")
