@@ -148,17 +148,15 @@ class Semantics:
         held: tuple[Release, ...] = ()
         if choice.action is Action.RECOMPUTE:
             replay = self._replay(owned, {r.block for r in releases}, choice.save_ops)
-            extra_ms = self._fixed_ms(choice.action, len(releases)) + sum(
-                self._recompute_ms(u, choice.save_ops) for u in choice.units
-            )
+            work_ms = sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
             held = self._held(units, back, owned, choice.save_ops)
             modules = {self.graph.units[u].name: self.graph.units[u].buffer_bytes for u in units}
             snapshot = sum(modules.values())  # a module called twice in the region is copied once
         else:
             replay = tuple((r.block, self.graph.blocks[r.block].bytes) for r in releases)
-            nbytes = sum(self.graph.blocks[r.block].bytes for r in releases)
-            extra_ms = self._fixed_ms(choice.action, len(releases)) + self._offload_ms(choice.units[0], nbytes)
+            work_ms = self._offload_ms(choice.units[0], sum(delta for _, delta in replay))
             snapshot = 0
+        extra_ms = self._fixed_ms(choice.action, len(releases)) + work_ms
         return Effect(releases, held, back, replay, extra_ms, snapshot)
 
     def _held(self, units: set[int], back: int, owned: list[int], save_ops: frozenset[str]) -> tuple[Release, ...]:

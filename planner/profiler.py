@@ -5,10 +5,13 @@
 The step runs once under a dispatch mode that sees every operator and every
 new storage, with module hooks marking the units and saved-tensor hooks
 telling which storages autograd keeps for backward and when backward first
-needs them. The model, its buffers, the optimizer and the random number
-generators are left exactly as they were found. On the meta device, or with
-fake tensors (a model built under `FakeTensorMode`), nothing is allocated and
-times come from FLOPs and bytes (`planner.costmodel`).
+needs them. Two more forward and backward passes, untracked, give the units'
+times (the tracker's own work and first-call costs inflate the profiled
+step's clock); on a CPU, the rate of an offload's copies is measured too. The
+model, its buffers, the optimizer and the random number generators are left
+exactly as they were found. On the meta device, or with fake tensors (a model
+built under `FakeTensorMode`), nothing is allocated and times come from FLOPs
+and bytes (`planner.costmodel`).
 """
 
 from __future__ import annotations
@@ -367,9 +370,9 @@ def profile(
         if not rec.estimated_times:
             timings = [_timed_step(model, batch, names, loss_fn, autocast_dtype, device) for _ in range(TIMED_STEPS)]
             _calibrate(rec, _least(timings))
-        if device.type == "cpu" and not rec.estimated_times:
-            saved = [b.bytes for b in rec.blocks if b.savers and b.phase is Phase.FORWARD]
-            rec.host_bytes_per_s = host_copy_bytes_per_s(max(saved, default=1 << 20))
+            if device.type == "cpu":
+                saved = [b.bytes for b in rec.blocks if b.savers and b.phase is Phase.FORWARD]
+                rec.host_bytes_per_s = host_copy_bytes_per_s(max(saved, default=1 << 20))
     sizes = fixed_bytes(groups, device)
     first_step_bytes = state_after - sizes[Category.OPTIMIZER]
     sizes[Category.OPTIMIZER] = state_after
