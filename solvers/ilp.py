@@ -18,8 +18,9 @@ some there would hold, leaves the constraint empty when o is not chosen.
 Options sharing k(o) and their last unit (at most one is chosen) share one
 replay constraint with sum_o on the right. Constraints another row's implies
 are left out, and bytes are divided by the gcd of the entries' bytes: both
-keep the model exact. Large chains start from the dynamic programme's plan
-(small fronts), others from greedy's. `min_peak` minimises a variable M above
+keep the model exact. Large graphs whose options all cover consecutive units
+start from the dynamic programme's plan where it beats greedy's, others from
+greedy's. `min_peak` minimises a variable M above
 every row and every chosen replay instead: the smallest budget any plan meets.
 """
 
@@ -41,7 +42,7 @@ NS_PER_MS = 1_000_000  # objective unit: costs in ms are rounded to whole nanose
 NUM_WORKERS = 2
 HINT_SHARE = 0.3  # of the time limit, at most, for the starting plan
 DP_HINT_UNITS = 60  # larger graphs start from the dynamic programme's plan
-HINT_STATES = 128  # its fronts are kept this small: a quick start, not its best plan
+HINT_STATES = (128, dp.MAX_STATES)  # its fronts: small ones first, then dp's own while time is left
 
 
 @dataclass(frozen=True)
@@ -155,10 +156,12 @@ def min_peak(problem: Problem, time_limit_s: float = 10.0) -> tuple[int, tuple[i
 
 def _starting_plan(problem: Problem, arr: Arrays, budget_bytes: int, deadline: float) -> tuple[tuple[int, ...], int]:
     """Greedy's plan or, on large graphs whose options all cover consecutive units, the dynamic
-    programme's (small fronts, given up at the deadline) when it is cheaper. Small graphs need no help."""
+    programme's (small fronts, then larger ones, each given up at the deadline) when it is cheaper.
+    Small graphs need no help."""
     found = None
     if problem.n_units > DP_HINT_UNITS and arr.option_is_interval.all():
-        found = dp.plan(problem, arr, deadline, HINT_STATES)
+        plans = (dp.plan(problem, arr, deadline, states) for states in HINT_STATES)
+        found = min((p for p in plans if p is not None), key=problem.overhead_ms, default=None)
     chosen, peak = greedy.plan(problem, arr, budget_bytes)
     if found is not None and (peak > budget_bytes or problem.overhead_ms(found) < problem.overhead_ms(chosen)):
         return found, arrays.peak_bytes(arr, found)
