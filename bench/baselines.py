@@ -36,6 +36,7 @@ import planner
 from bench import baselines_compile_runner, baselines_report
 from planner.planning import InfeasibleBudget
 from planner.scenario import list_scenarios, load_scenario
+from planner.step import timed_ms
 from solvers import build_problem
 from solvers.ilp import min_peak
 
@@ -141,9 +142,7 @@ class Scenario:
                                autocast_dtype=w.autocast_dtype, steps=1, warmup=1)
 
     def timed_step(self) -> float:
-        start = time.perf_counter()
-        self.work.step()
-        return (time.perf_counter() - start) * 1e3
+        return timed_ms(self.work.step, self.work.device)
 
     def measure_under(self, method) -> tuple[int, float]:
         """Peak under `method` (a function returning a fresh context), and its step time as a ratio:
