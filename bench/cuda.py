@@ -1,0 +1,191 @@
+"""The CUDA paths on a real GPU: measured peaks against predicted, numerics, offload overlap.
+
+    python -m bench.cuda [--variant full] [--scenarios gpt resnet] [--steps 10] [--out cuda.json]
+
+For each scenario, profiled on the device: the unplanned step predicted and measured
+(`torch.cuda.max_memory_allocated` and `max_memory_reserved`, and what the allocator holds outside
+the model at rest: cuBLAS workspaces and the like), then plans at 80%, at 50% (or the smallest
+feasible budget) and at that + 10%, each trained with planned and unplanned steps in turns; the
+tightest plan's losses and gradients over 3 steps against the unplanned run's (and the unplanned
+run against itself: the floor that non-deterministic kernels set); and a plan that offloads every
+unit it can, whose copies run on a side stream, predicted with the device's overlap against the
+measured step. Rows are written to `--out` after each scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import planner
+from planner.actions import Action
+from planner.costmodel import roofline_for
+from planner.planning import InfeasibleBudget
+from planner.scenario import list_scenarios, load_scenario
+from planner.simulator import simulate
+from planner.step import autocast
+from planner.training import run_under_plan
+from solvers import build_problem
+from solvers.ilp import min_peak
+
+
+def scenario_report(name: str, variant: str, device: str, steps: int, time_limit_s: float) -> dict:
+    start = time.perf_counter()
+    w = load_scenario(name).build(variant, device=device)
+    graph = planner.profile(w.model, w.batch, loss_fn=w.loss_closure(), optimizer=w.optimizer, autocast_dtype=w.autocast_dtype)
+    profile_s = time.perf_counter() - start
+    unplanned = simulate(graph).peak_bytes
+    measured = planner.measure(w.model, w.batch, loss_fn=w.loss_closure(), optimizer=w.optimizer, autocast_dtype=w.autocast_dtype)
+    report = {
+        "scenario": name,
+        "variant": variant,
+        "units": len(graph.units),
+        "profile_s": profile_s,
+        "device_name": graph.meta.get("device_name"),
+        "predicted_unplanned_bytes": unplanned,
+        "measured_unplanned_bytes": measured.peak_bytes,
+        "reserved_unplanned_bytes": measured.reserved_bytes,
+        "predicted_step_ms": graph.step_ms,
+        "measured_step_ms": measured.step_ms,
+        "fixed_bytes": sum(graph.fixed.by_category().values()),
+        "allocated_at_rest_bytes": torch.cuda.memory_allocated() if device == "cuda" else None,
+        "plans": [],
+    }
+    smallest = min_peak(build_problem(graph, 0), time_limit_s)[0]
+    report["smallest_bytes"] = smallest
+    try:
+        tight, label = planner.plan(graph, "50%", time_limit_s=time_limit_s).budget_bytes, "50%"
+    except InfeasibleBudget:
+        tight, label = smallest, "smallest"
+    plans = []
+    for budget, what in ((int(0.8 * unplanned), "80%"), (tight, label), (int(tight * 1.1), f"{label} + 10%")):
+        if budget < unplanned:
+            plans.append((what, planner.plan(graph, budget, time_limit_s=time_limit_s)))
+    plans.append(("offload every unit", offload_all(graph)))
+    for what, plan in plans:
+        base, under = run_under_plan(w, plan, steps)
+        report["plans"].append(
+            {
+                "budget": what,
+                "budget_bytes": plan.budget_bytes,
+                "solver": plan.solver,
+                "recomputed": sum(c.action is Action.RECOMPUTE for c in plan.choices),
+                "offloaded": sum(c.action is Action.OFFLOAD for c in plan.choices),
+                "predicted_peak_bytes": plan.predicted_peak_bytes,
+                "measured_peak_bytes": under.peak_bytes,
+                "reserved_bytes": under.reserved_bytes,
+                "unplanned_measured_bytes": base.peak_bytes,
+                "predicted_overhead_pct": plan.overhead_pct,
+                "measured_overhead_pct": 100.0 * (under.step_ms / base.step_ms - 1.0),
+                "unplanned_ms": base.step_ms,
+                "planned_ms": under.step_ms,
+            }
+        )
+    report["numerics"] = numerics(name, variant, device, plans[-2][1] if len(plans) > 1 else plans[-1][1])
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
+def offload_all(graph):
+    """A plan that offloads every unit that has something to offload, costed by the device's rates."""
+    problem = build_problem(graph, 0)
+    choices = tuple(o.choice for o in problem.options if o.choice.action is Action.OFFLOAD)
+    sim = simulate(graph, choices, roofline_for(graph))
+    base = planner.plan(graph, "100%", solver="none")
+    return replace(
+        base, choices=choices, budget_bytes=sim.peak_bytes, solver="offload", predicted_peak_bytes=sim.peak_bytes, predicted_overhead_ms=sim.extra_ms
+    )
+
+
+def numerics(name: str, variant: str, device: str, plan) -> dict:
+    """Largest differences over 3 steps: the planned run against the unplanned, and the unplanned
+    run against itself (non-deterministic kernels); zero for both means bit-identical."""
+    reference = run_steps(load_scenario(name).build(variant, device=device), 3)
+    again = run_steps(load_scenario(name).build(variant, device=device), 3)
+    planned = run_steps(load_scenario(name).build(variant, device=device), 3, plan)
+    return {"planned_vs_unplanned": difference(reference, planned), "unplanned_vs_itself": difference(reference, again)}
+
+
+def run_steps(w, steps: int, plan=None) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    handle = planner.apply(w.model, plan) if plan is not None else None
+    out = []
+    for _ in range(steps):
+        with autocast(w.device, w.autocast_dtype):
+            loss = w.loss_fn(w.model(*w.inputs, **w.kwargs), w.target)
+        loss.backward()
+        out += [loss.detach().float().cpu(), *(p.grad.detach().float().cpu() for p in w.model.parameters())]
+        w.optimizer.step()
+        w.optimizer.zero_grad(set_to_none=True)
+    if handle is not None:
+        handle.remove()
+    out += [v.detach().float().cpu() for v in w.model.state_dict().values()]
+    return out
+
+
+def difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
+    """Bit-identical or not, and the largest difference relative to each tensor's largest value."""
+    rel = [((x - y).abs().max() / x.abs().max().clamp_min(1e-30)).item() for x, y in zip(a, b) if x.numel()]
+    return {"identical": all(torch.equal(x, y) for x, y in zip(a, b)), "max_relative": max(rel, default=0.0)}
+
+
+def table(reports: list[dict]) -> str:
+    mib = 2**20
+    lines = [
+        "| scenario | budget | plan | peak predicted | allocated | reserved | overhead predicted | measured |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        if "error" in r:
+            lines.append(f"| {r['scenario']} ({r['variant']}) | error: {r['error']} |||||||")
+            continue
+        lines.append(
+            f"| {r['scenario']} ({r['variant']}) | none | | {r['predicted_unplanned_bytes'] / mib:.1f} MiB | "
+            f"{r['measured_unplanned_bytes'] / mib:.1f} MiB | {(r['reserved_unplanned_bytes'] or 0) / mib:.1f} MiB | | |"
+        )
+        for p in r["plans"]:
+            lines.append(
+                f"| | {p['budget']} | {p['recomputed']}R {p['offloaded']}O | {p['predicted_peak_bytes'] / mib:.1f} MiB | "
+                f"{p['measured_peak_bytes'] / mib:.1f} MiB | {(p['reserved_bytes'] or 0) / mib:.1f} MiB | "
+                f"{p['predicted_overhead_pct']:+.1f}% | {p['measured_overhead_pct']:+.1f}% |"
+            )
+        n = r["numerics"]
+        lines.append(
+            f"| | numerics | planned vs unplanned: identical {n['planned_vs_unplanned']['identical']}, "
+            f"{n['planned_vs_unplanned']['max_relative']:.1e}; unplanned vs itself {n['unplanned_vs_itself']['max_relative']:.1e} |||||||"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="full", choices=("small", "full"))
+    parser.add_argument("--scenarios", nargs="*", default=[n for n in list_scenarios() if n != "gpt7b"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--time-limit", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("cuda.json"))
+    args = parser.parse_args()
+    reports = []
+    for name in args.scenarios:
+        try:
+            reports.append(scenario_report(name, args.variant, args.device, args.steps, args.time_limit))
+        except Exception as error:  # noqa: BLE001 - one scenario's failure is reported, the others still run
+            traceback.print_exc()
+            reports.append({"scenario": name, "variant": args.variant, "error": f"{type(error).__name__}: {error}"})
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device}
+        args.out.write_text(json.dumps({"meta": meta, "reports": reports}, indent=2))
+        print(table(reports[-1:]), flush=True)
+    print(table(reports))
+
+
+if __name__ == "__main__":
+    main()
