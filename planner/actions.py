@@ -89,6 +89,10 @@ class Semantics:
         self.roofline = roofline
         self._fwd_ends = [u.fwd_end for u in graph.units]
         self._fwd_starts = [u.fwd_start for u in graph.units]
+        later = [0.0]  # forward time of the units after each unit
+        for u in reversed(graph.units[1:]):
+            later.append(later[-1] + u.fwd_ms)
+        self._later_fwd_ms = later[::-1]
         self._readers: dict[int, set[int]] = {}  # block -> units that take it as an input
         for u in graph.units:
             for i in u.inputs:
@@ -125,11 +129,14 @@ class Semantics:
         """The choice's effect, or None when it frees nothing or cannot run.
 
         A region cannot start with a unit that writes into its inputs (replaying
-        it would write again), nor keep saved an output that is later written.
+        it would write again), nor keep saved an output that is later written,
+        nor hold a unit whose random numbers a replay cannot draw again.
         """
         units = set(choice.units)
         first = self.graph.units[choice.units[0]]
         if first.mutates_inputs or any(b.mutated and b.op in choice.save_ops for b in self._made_by(units)):
+            return None
+        if choice.action is Action.RECOMPUTE and not all(self.graph.units[u].replayable for u in units):
             return None
         starts = [self.graph.units[u].bwd_start for u in units if self.graph.units[u].bwd_start is not None]
         if not starts:
@@ -202,13 +209,13 @@ class Semantics:
         return u.fwd_ms - sum(op.ms for op in u.ops if op.name in save_ops)
 
     def _offload_ms(self, unit: int, nbytes: int) -> float:
-        """Copy time not hidden by the next unit's compute, each way."""
+        """Copy time not hidden by compute: the copy out by the rest of the forward, the copy back
+        (prefetched) by the next unit's backward."""
         copy = self.roofline.copy_ms(nbytes)
         if not self.roofline.copies_overlap:
             return 2 * copy
         nxt = self.graph.units[unit + 1] if unit + 1 < len(self.graph.units) else None
-        hide_fwd, hide_bwd = (nxt.fwd_ms, nxt.bwd_ms) if nxt else (0.0, 0.0)
-        return max(0.0, copy - hide_fwd) + max(0.0, copy - hide_bwd)
+        return max(0.0, copy - self._later_fwd_ms[unit]) + max(0.0, copy - (nxt.bwd_ms if nxt else 0.0))
 
     def _fixed_ms(self, action: Action, storages: int) -> float:
         """The executor's own cost of a choice that frees `storages` storages (measured per device)."""

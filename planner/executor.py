@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import statistics
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -438,17 +437,19 @@ def _mechanism_point(device: str, layers: int, repeats: int) -> tuple[int, float
     return len(saved - skip), region, statistics.median(diffs[offload][1:])
 
 
-def host_copy_bytes_per_s(nbytes: int, repeats: int = 3) -> float:
-    """Bytes per second, each way, of offloading a CPU storage of `nbytes` (at most 64 MiB) and
+def host_copy_bytes_per_s(nbytes: int, repeats: int = 3, device: str = "cpu") -> float:
+    """Bytes per second, each way, of offloading a storage of `nbytes` (at most 64 MiB) and
     bringing it back (median of `repeats` round trips after a warm-up). What comes back is kept
     until the end, so that each round trip allocates fresh memory, as in a training step."""
-    storage = torch.empty(min(max(nbytes, 1), 64 << 20), dtype=torch.uint8).untyped_storage()
+    storage = torch.empty(min(max(nbytes, 1), 64 << 20), dtype=torch.uint8, device=device).untyped_storage()
     owner, times, restored = _Offloader(), [], []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
+
+    def round_trip() -> None:
         restored.append(_to_device(_to_host(storage, owner), owner))
-        times.append(time.perf_counter() - start)
-    return 2 * storage.nbytes() / statistics.median(times[1:])
+
+    for _ in range(repeats + 1):
+        times.append(timed_ms(round_trip, storage.device))
+    return 2 * storage.nbytes() / statistics.median(times[1:]) * 1e3
 
 
 def _to_device(copy: _HostCopy, owner: _Offloader) -> torch.UntypedStorage:

@@ -22,12 +22,20 @@ class Category(str, Enum):
     INPUTS = "inputs"
     OPTIMIZER = "optimizer state"
     COMMUNICATION = "communication buffers"  # held by a data-parallel engine between steps
+    WORKSPACE = "workspaces"  # CUDA libraries' workspaces and other device memory outside the model
     GRADIENTS = "gradients"
     ACTIVATIONS = "activations"
     TRANSIENTS = "transients"
 
 
-FIXED_CATEGORIES = (Category.PARAMETERS, Category.BUFFERS, Category.INPUTS, Category.OPTIMIZER, Category.COMMUNICATION)
+FIXED_CATEGORIES = (
+    Category.PARAMETERS,
+    Category.BUFFERS,
+    Category.INPUTS,
+    Category.OPTIMIZER,
+    Category.COMMUNICATION,
+    Category.WORKSPACE,
+)
 
 
 class Phase(str, Enum):
@@ -78,6 +86,7 @@ class Unit:
     bwd_bytes: int = 0  # memory traffic of its backward operators
     inputs: tuple[int, ...] = ()  # blocks of its tensor inputs that the step made
     buffer_bytes: int = 0  # its module's buffers, which a replay copies and puts back (updated once)
+    replayable: bool = True  # False when its forward draws random numbers that a replay cannot draw again
 
     @property
     def key(self) -> str:
@@ -113,6 +122,8 @@ class FixedMemory:
 
     `communication` is what a data-parallel engine holds between steps apart
     from the others (DistributedDataParallel's gradient buckets); 0 on one device.
+    `workspace` is what else the CUDA allocator holds through the step (cuBLAS
+    workspaces, tensors outside the model); 0 off CUDA.
     """
 
     parameters: int
@@ -120,6 +131,7 @@ class FixedMemory:
     inputs: int
     optimizer: int
     communication: int = 0
+    workspace: int = 0
 
     def by_category(self) -> dict[Category, int]:
         return {
@@ -128,11 +140,12 @@ class FixedMemory:
             Category.INPUTS: self.inputs,
             Category.OPTIMIZER: self.optimizer,
             Category.COMMUNICATION: self.communication,
+            Category.WORKSPACE: self.workspace,
         }
 
     @property
     def total(self) -> int:
-        return self.parameters + self.buffers + self.inputs + self.optimizer + self.communication
+        return sum(self.by_category().values())
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ COLORS = {
     Category.INPUTS: "#8172b3",
     Category.OPTIMIZER: "#937860",
     Category.COMMUNICATION: "#8c8c8c",
+    Category.WORKSPACE: "#b0b0b0",
     Category.GRADIENTS: "#55a868",
     Category.ACTIVATIONS: "#dd8452",
     Category.TRANSIENTS: "#ccb974",

@@ -86,6 +86,7 @@ class _Unit:
     bwd_end: int | None = None
     inputs: list[_Block] = field(default_factory=list)  # blocks of its tensor inputs made in this step
     buffer_bytes: int = 0
+    replayable: bool = True
 
 
 class _Recorder(StorageTracker):
@@ -94,6 +95,7 @@ class _Recorder(StorageTracker):
     def __init__(self, device: torch.device, existing: list[torch.Tensor], estimated_times: bool) -> None:
         super().__init__(device, existing)
         self.estimated_times = estimated_times  # times from FLOPs and bytes, not the clock
+        self.watch_scratch = self.watch_scratch and not estimated_times
         self.phase = Phase.FORWARD
         self.phase_ticks: dict[Phase, list[int]] = {}
         self.current: int | None = None  # the unit running now (forward, or backward by saved tensors)
@@ -121,7 +123,7 @@ class _Recorder(StorageTracker):
 
     # Storages.
     def on_alloc(self, key: int, nbytes: int) -> None:
-        block = _Block(nbytes, self.phase, self.tick, self.current)
+        block = _Block(nbytes, self.phase, self.tick, self.current, op=self.op_name if key < 0 else "")
         self.open[key] = block
         self.blocks.append(block)
 
@@ -145,6 +147,8 @@ class _Recorder(StorageTracker):
             # an operator's outputs that share an input's storage wrote into it, unless it is a view
             written = set() if func.is_view else {storage_key(t) for t in outs} & inputs
             self._trace_forward(inputs, new, written)
+            if unit is not None and _unrepeatable(func, args):
+                unit.replayable = False
             if unit is not None:
                 unit.fwd_ms += ms
                 unit.fwd_flops += flops
@@ -238,6 +242,11 @@ class _Recorder(StorageTracker):
                 block.sources = frozenset({self.current})
         self.last_outputs = {id(t) for t in tensors}
         self.current = None
+
+
+def _unrepeatable(func, args) -> bool:
+    """cuDNN's RNN dropout draws from cuDNN's own state, which no checkpoint saves and restores."""
+    return func.overloadpacket is torch.ops.aten._cudnn_rnn and len(args) > 12 and bool(args[12]) and args[11] > 0
 
 
 # Most FLOP formulas take shapes, through a wrapper that walks the arguments with pytree: slow per operator.
@@ -366,6 +375,8 @@ def profile(
         opt_state = [rec.open[k] for k in map(storage_key, _optimizer_tensors(optimizer)) if k in rec.open]
         # All optimizer state after the step, including what it made outside the dispatcher (step counts).
         state_after = fixed_bytes({Category.OPTIMIZER: _optimizer_tensors(optimizer)}, device)[Category.OPTIMIZER]
+        # what the CUDA allocator holds besides the step's storages: the fixed memory and libraries' workspaces
+        held = torch.cuda.memory_allocated(device) - rec.live_bytes + sum(b.bytes for b in opt_state) if rec.watch_scratch else None
         rec.finish()
         if not rec.estimated_times:
             timings = [_timed_step(model, batch, names, loss_fn, autocast_dtype, device) for _ in range(TIMED_STEPS)]
@@ -376,6 +387,8 @@ def profile(
     sizes = fixed_bytes(groups, device)
     first_step_bytes = state_after - sizes[Category.OPTIMIZER]
     sizes[Category.OPTIMIZER] = state_after
+    if held is not None:
+        sizes[Category.WORKSPACE] = max(0, held - sum(sizes.values()))
     return _graph(model, device, rec, sizes, grads, opt_state, first_step_bytes)
 
 
@@ -475,6 +488,7 @@ def _graph(
         buffers=fixed_sizes[Category.BUFFERS],
         inputs=fixed_sizes[Category.INPUTS],
         optimizer=fixed_sizes[Category.OPTIMIZER],
+        workspace=fixed_sizes.get(Category.WORKSPACE, 0),
     )
     return ProfiledGraph(
         model=type(model).__name__,
@@ -521,6 +535,7 @@ def _freeze_unit(index: int, u: _Unit, blocks: list[_Block], block_index: dict[i
         bwd_bytes=u.bwd_bytes,
         inputs=tuple(block_index[id(b)] for b in u.inputs if id(b) in block_index),
         buffer_bytes=u.buffer_bytes,
+        replayable=u.replayable,
     )
 
 

@@ -105,11 +105,14 @@ class StorageTracker(TorchDispatchMode):
         self.peak_bytes = 0
         self.tick = 0
         self.op_ms = 0.0  # time of the last operator call
+        self.watch_scratch = self.device.type == "cuda" and torch.cuda.is_available()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in METADATA_OPS:
             return func(*args, **kwargs)
+        if self.watch_scratch:
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         out = func(*args, **kwargs)
         self.op_ms = (time.perf_counter() - start) * 1e3
@@ -125,6 +128,8 @@ class StorageTracker(TorchDispatchMode):
                     self._alloc(storage_of(t))
                     new.append(key)
         self.on_op(func, args, kwargs, out, ins, outs, inputs, new)
+        if self.watch_scratch:
+            self._scratch(torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device))
         return out
 
     def __enter__(self):
@@ -155,14 +160,21 @@ class StorageTracker(TorchDispatchMode):
             self._alloc(storage)
 
     def _alloc(self, storage: torch.UntypedStorage) -> None:
-        key = id(storage)
-        nbytes = allocated_bytes(storage.nbytes(), self.device)
+        self._count(id(storage), allocated_bytes(storage.nbytes(), self.device))
+        weakref.finalize(storage, self._free, id(storage))
+
+    def _scratch(self, nbytes: int) -> None:
+        if nbytes > 0:
+            key = -self.tick  # no storage has this id
+            self._count(key, nbytes)
+            self._free(key)
+
+    def _count(self, key: int, nbytes: int) -> None:
         self.live[key] = nbytes
         self.live_bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         self.tick += 1
         self.on_alloc(key, nbytes)
-        weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
         nbytes = self.live.pop(key, None)
@@ -181,7 +193,7 @@ class StorageTracker(TorchDispatchMode):
         """After an operator: its tensors in and out, its input storages and the storages it made."""
 
     def on_alloc(self, key: int, nbytes: int) -> None:
-        pass
+        """A storage counted from now on; a negative key is the last operator's scratch."""
 
     def on_free(self, key: int) -> None:
         pass
