@@ -17,7 +17,6 @@ and bytes (`planner.costmodel`).
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from torch import nn
 from torch._guards import detect_fake_mode
 from torch.utils import flop_counter
 from torch.utils.flop_counter import flop_registry
+from torch.utils._pytree import tree_map_only
 
 from planner import costmodel
 from planner.executor import host_copy_bytes_per_s
@@ -308,9 +308,10 @@ def unit_hooks(model: nn.Module, names: list[str], enter, exit) -> Iterator[None
 def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
     """Restores parameters, buffers, gradients, optimizer state and RNG states on exit."""
     tensors = [*model.parameters(), *model.buffers()]
-    saved = [t.detach().to("cpu", copy=True) if t.is_cuda else t.detach().clone() for t in tensors]
+    saved = [_host_copy(t) for t in tensors]
     grads = [p.grad for p in model.parameters()]
-    opt_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    # copies on the host: a measured step must not count them (load_state_dict moves state back)
+    opt_state = tree_map_only(torch.Tensor, _host_copy, optimizer.state_dict()) if optimizer is not None else None
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     for p in model.parameters():
@@ -329,6 +330,10 @@ def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iter
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True) if t.is_cuda else t.detach().clone()
 
 
 def profile(
