@@ -58,6 +58,7 @@ class Op:
     out_bytes: int
     saved_bytes: int
     bytes_moved: int = 0  # bytes its inputs and outputs span: its memory traffic
+    random: bool = False  # draws random numbers (dropout inside fused attention)
 
 
 @dataclass(frozen=True)

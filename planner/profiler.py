@@ -61,6 +61,7 @@ class _Op:
     bytes_moved: int
     ms: float
     blocks: list[_Block]
+    random: bool
 
 
 @dataclass
@@ -147,12 +148,13 @@ class _Recorder(StorageTracker):
             # an operator's outputs that share an input's storage wrote into it, unless it is a view
             written = set() if func.is_view else {storage_key(t) for t in outs} & inputs
             self._trace_forward(inputs, new, written)
-            if unit is not None and _unrepeatable(func, args):
-                unit.replayable = False
             if unit is not None:
+                random = _draws_random(func, args, kwargs)
+                # cuDNN's RNN dropout draws from cuDNN's own state, which no checkpoint saves and restores
+                unit.replayable &= not (random and func.overloadpacket is torch.ops.aten._cudnn_rnn)
                 unit.fwd_ms += ms
                 unit.fwd_flops += flops
-                unit.ops.append(_Op(self.op_name, flops, moved, ms, [self.open[k] for k in new]))
+                unit.ops.append(_Op(self.op_name, flops, moved, ms, [self.open[k] for k in new], random))
                 return
         elif self.phase is Phase.BACKWARD and unit is not None:
             unit.bwd_ms += ms
@@ -244,9 +246,14 @@ class _Recorder(StorageTracker):
         self.current = None
 
 
-def _unrepeatable(func, args) -> bool:
-    """cuDNN's RNN dropout draws from cuDNN's own state, which no checkpoint saves and restores."""
-    return func.overloadpacket is torch.ops.aten._cudnn_rnn and len(args) > 12 and bool(args[12]) and args[11] > 0
+def _draws_random(func, args, kwargs) -> bool:
+    """Whether an operator call draws random numbers: a seeded operator, unless its dropout is 0."""
+    if torch.Tag.nondeterministic_seeded not in func.tags:
+        return False
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name in ("dropout_p", "dropout"):
+            return bool(args[i] if i < len(args) else kwargs.get(arg.name, arg.default_value))
+    return True
 
 
 # Most FLOP formulas take shapes, through a wrapper that walks the arguments with pytree: slow per operator.
@@ -514,7 +521,7 @@ def _graph(
 def _freeze_unit(index: int, u: _Unit, blocks: list[_Block], block_index: dict[int, int]) -> Unit:
     saved = sum(b.bytes for b in blocks if b.owner == index and b.phase is Phase.FORWARD and b.savers)
     ops = tuple(
-        Op(o.name, o.flops, o.ms, sum(b.bytes for b in o.blocks), sum(b.bytes for b in o.blocks if b.savers), o.bytes_moved)
+        Op(o.name, o.flops, o.ms, sum(b.bytes for b in o.blocks), sum(b.bytes for b in o.blocks if b.savers), o.bytes_moved, o.random)
         for o in u.ops
     )
     return Unit(

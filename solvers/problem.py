@@ -140,7 +140,7 @@ def build_problem(
 
 def candidate_choices(graph: ProfiledGraph, max_segment_units: int) -> list[Choice]:
     """Offload each unit; recompute each run of up to `max_segment_units` units along segment links,
-    in full and keeping its expensive operators' outputs saved."""
+    in full and keeping the outputs of its expensive operators that draw no random numbers saved."""
     links = graph.segment_links()
     choices = []
     for u in range(len(graph.units)):
@@ -149,7 +149,9 @@ def candidate_choices(graph: ProfiledGraph, max_segment_units: int) -> list[Choi
         while True:
             units = tuple(range(u, end + 1))
             choices.append(Choice(Action.RECOMPUTE, units))
-            expensive = {op.name for i in units for op in graph.units[i].ops if op.name in EXPENSIVE_OPS}
+            ops = [op for i in units for op in graph.units[i].ops]
+            # an operator whose outputs stay saved is not run again: a random one would shift the replay's draws
+            expensive = {op.name for op in ops if op.name in EXPENSIVE_OPS} - {op.name for op in ops if op.random}
             if expensive:
                 choices.append(Choice(Action.RECOMPUTE, units, frozenset(expensive)))
             if end + 1 - u >= max_segment_units or (end, end + 1) not in links:

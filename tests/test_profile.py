@@ -183,3 +183,38 @@ def test_batch_the_model_rejects_shows_its_error():
 def test_empty_model_is_refused():
     with pytest.raises(ValueError, match="no tensor that requires grad"):
         planner.profile(nn.Sequential(), torch.randn(4, 4))
+
+
+def test_random_operators_are_known_by_their_dropout():
+    from planner.profiler import _draws_random
+
+    aten, q = torch.ops.aten, torch.empty(1, 1, 4, 4)
+    efficient = aten._scaled_dot_product_efficient_attention.default
+    assert _draws_random(efficient, (q, q, q, None, True), {"dropout_p": 0.1})
+    assert _draws_random(efficient, (q, q, q, None, True, 0.1), {})
+    assert not _draws_random(efficient, (q, q, q, None, True), {})  # dropout_p defaults to 0
+    assert _draws_random(aten.native_dropout.default, (q, 0.5, True), {})
+    assert not _draws_random(aten.mm.default, (q[0, 0], q[0, 0]), {})
+
+
+def test_no_plan_replays_random_draws_it_cannot_repeat():
+    """A recomputed region never keeps saved an operator that draws random numbers (the replay would
+    draw the rest from another place in the stream), nor holds a unit that draws from cuDNN's own state."""
+    from dataclasses import replace
+
+    from planner.actions import Action
+    from solvers import build_problem
+    from solvers.problem import candidate_choices
+
+    w = load_scenario("gpt").build()
+    graph = planner.profile(w.model, w.batch, loss_fn=w.loss_closure(), optimizer=w.optimizer)
+    block = next(u for u in graph.units if any(op.name == "aten.bmm" for op in u.ops))
+    ops = tuple(replace(op, random=True) if op.name == "aten.bmm" else op for op in block.ops)
+    units = tuple(replace(u, ops=ops) if u is block else u for u in graph.units)
+    saving = [c.save_ops for c in candidate_choices(replace(graph, units=units), 8) if block.index in c.units]
+    assert any(saving) and not any("aten.bmm" in ops for ops in saving)
+
+    units = tuple(replace(u, replayable=False) if u is block else u for u in graph.units)
+    options = build_problem(replace(graph, units=units), 0).options
+    assert not any(o.choice.action is Action.RECOMPUTE and block.index in o.choice.units for o in options)
+    assert any(o.choice.action is Action.OFFLOAD and o.choice.units == (block.index,) for o in options)
