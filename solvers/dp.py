@@ -185,9 +185,19 @@ def _front(children: dict, nodes: _Nodes, model: Model, a: int, max_states: int)
     return out, cut
 
 
-def _pareto(cost: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Indices of states that no earlier state in order of cost beats on S, in that order."""
-    order = np.argsort(cost)
+def _pareto(cost: np.ndarray, s: np.ndarray, bands: int = 2048) -> np.ndarray:
+    """Indices of states that no earlier state in order of cost beats on S, in that order.
+
+    Most states are beaten; those beaten by a state in a higher band of S go first, without sorting."""
+    candidates = np.arange(len(cost))
+    if len(cost) > 2 * bands:
+        low = s.min()
+        band = (s - low) * (bands - 1) // max(int(s.max() - low), 1)
+        least = np.full(bands + 1, np.inf)
+        np.minimum.at(least, band, cost)
+        above = np.minimum.accumulate(least[::-1])[::-1][band + 1]  # least cost of a state with more S
+        candidates = np.flatnonzero(above > cost)
+    order = candidates[np.argsort(cost[candidates])]
     best = np.maximum.accumulate(s[order])
     return order[np.concatenate([[True], s[order][1:] > best[:-1]])]
 
