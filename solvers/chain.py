@@ -11,7 +11,7 @@ in `solvers.arrays`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,15 +50,14 @@ class Model:
     option_first: np.ndarray
     row_cap: np.ndarray  # per boundary: the most bytes a row checked later needs freed (S must reach it)
     bound: LowerBound
-    live_sets: list[set[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.live_sets = [set(items) for items in self.live]
         self.free_keys = [(BIG,) * len(items) for items in self.live]
         # per tracked item, as arrays: need, least, check unit, option (KEEP for rows), its first unit
         self.item_need = np.array([t.need for t in self.tracked], dtype=np.int64)
         self.item_least = np.array([t.least for t in self.tracked], dtype=np.int64)
         self.item_check = np.array([t.check for t in self.tracked], dtype=np.int64)
+        self.item_init = np.array([t.init for t in self.tracked], dtype=np.int64)
         self.item_option = np.array([t.option for t in self.tracked], dtype=np.int64)
         self.item_first = np.where(self.item_option != KEEP, self.option_first[np.maximum(self.item_option, 0)], -1)
 
@@ -70,16 +69,15 @@ class Model:
         items |= {i for p in range(a, int(end.max()) + 1) for i in self.checked_at[p]}
         items = sorted(items)
         freed = np.zeros((len(items), len(opt)), dtype=np.int64)
-        after = np.zeros((len(items), len(opt)), dtype=bool)
         if not items:
-            return {}, freed, after
+            return {}, freed, np.zeros((0, len(opt)), dtype=bool)
         for cover in {id(self.tracked[i].cover): self.tracked[i].cover for i in items}.values():
             rows = [r for r, i in enumerate(items) if self.tracked[i].cover is cover]
             x = np.array([self.tracked[items[r]].x for r in rows])
             freed[rows] = cover.at(np.broadcast_to(np.maximum(opt, 0), (len(rows), len(opt))), x[:, None])
         freed[:, opt == KEEP] = 0
-        for r, i in enumerate(items):
-            after[r] = [i in self.live_sets[b + 1] for b in end.tolist()]
+        ids = np.array(items)
+        after = (self.item_init[ids, None] <= end) & (end < self.item_check[ids, None])  # live at boundary end + 1
         return {i: r for r, i in enumerate(items)}, freed, after
 
 

@@ -163,17 +163,17 @@ def _front(children: dict, nodes: _Nodes, model: Model, a: int, max_states: int)
     are also dropped when a state with none dominates them. Thinned to max_states per key."""
     groups, cut = [], False
     for key, parts in children.items():
-        length = [hi - lo for _, lo, hi, *_ in parts]
-        cost = np.concatenate([g.cost[lo:hi] for g, lo, hi, *_ in parts]) + np.repeat([p[3] for p in parts], length)
-        s = np.concatenate([g.s[lo:hi] for g, lo, hi, *_ in parts]) + np.repeat([p[4] for p in parts], length)
+        part = np.repeat(np.arange(len(parts)), [hi - lo for _, lo, hi, *_ in parts])  # of each state
+        step_cost, step_s, step_option = np.array([p[3:] for p in parts]).T
+        cost = np.concatenate([g.cost[lo:hi] for g, lo, hi, *_ in parts]) + step_cost[part]
+        s = np.concatenate([g.s[lo:hi] for g, lo, hi, *_ in parts]) + step_s.astype(np.int64)[part]
         if all(k >= BIG for k in key):
             s = np.minimum(s, model.cap[a])
-        parent = np.concatenate([g.node[lo:hi] for g, lo, hi, *_ in parts])
-        option = np.repeat([p[5] for p in parts], length)
         keep = _pareto(cost, s)
         if len(keep) > max_states:
             keep, cut = _thin(cost, s, keep, max_states, model.bound(a, model.row_cap[a] - s[keep])), True
-        groups.append((key, cost[keep], s[keep], parent[keep], option[keep]))
+        parent = np.concatenate([g.node[lo:hi] for g, lo, hi, *_ in parts])[keep]
+        groups.append((key, cost[keep], s[keep], parent, step_option.astype(np.int64)[part[keep]]))
     free = [g for g in groups if all(k >= BIG for k in g[0])]
     out = []
     for key, cost, s, parent, option in groups:
