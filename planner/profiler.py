@@ -358,7 +358,8 @@ def profile(
     (positional inputs), a dict (keyword inputs) or a `Batch`. `loss_fn`
     turns the model's output into a scalar (default: the output itself, its
     `.loss`, or the sum of its tensors). `units` chooses the modules a plan
-    acts on (see `planner.units.select_units`).
+    acts on (see `planner.units.select_units`). On CUDA the allocator's peak
+    statistics are reset at every operator (they measure its scratch memory).
     """
     batch = Batch.of(example_batch)
     names = select_units(model, units)
@@ -387,8 +388,9 @@ def profile(
         opt_state = [rec.open[k] for k in map(storage_key, _optimizer_tensors(optimizer)) if k in rec.open]
         # All optimizer state after the step, including what it made outside the dispatcher (step counts).
         state_after = fixed_bytes({Category.OPTIMIZER: _optimizer_tensors(optimizer)}, device)[Category.OPTIMIZER]
-        # what the CUDA allocator holds besides the step's storages: the fixed memory and libraries' workspaces
-        held = torch.cuda.memory_allocated(device) - rec.live_bytes + sum(b.bytes for b in opt_state) if rec.watch_scratch else None
+        held = None  # what the CUDA allocator holds besides the step's storages: fixed memory and workspaces
+        if rec.watch_scratch:
+            held = torch.cuda.memory_allocated(device) - rec.live_bytes + sum(b.bytes for b in opt_state)
         rec.finish()
         if not rec.estimated_times:
             timings = [_timed_step(model, batch, names, loss_fn, autocast_dtype, device) for _ in range(TIMED_STEPS)]
@@ -521,7 +523,8 @@ def _graph(
 def _freeze_unit(index: int, u: _Unit, blocks: list[_Block], block_index: dict[int, int]) -> Unit:
     saved = sum(b.bytes for b in blocks if b.owner == index and b.phase is Phase.FORWARD and b.savers)
     ops = tuple(
-        Op(o.name, o.flops, o.ms, sum(b.bytes for b in o.blocks), sum(b.bytes for b in o.blocks if b.savers), o.bytes_moved, o.random)
+        Op(o.name, o.flops, o.ms, sum(b.bytes for b in o.blocks), sum(b.bytes for b in o.blocks if b.savers),
+           o.bytes_moved, o.random)
         for o in u.ops
     )
     return Unit(

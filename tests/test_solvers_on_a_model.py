@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import planner
+from planner.planning import InfeasibleBudget
+from planner.scenario import list_scenarios, load_scenario
 from planner.simulator import simulate
 from solvers import SOLVERS, Status, build_problem, get_solver, ilp
 
@@ -64,3 +66,28 @@ def test_min_peak_is_below_every_plan(mlp, solutions) -> None:
     assert peak == problem.peak_bytes(chosen) <= min(problem.peak_bytes(s.chosen) for s in solutions.values())
     assert ilp.solve(problem.with_budget(peak)).status is Status.OPTIMAL
     assert ilp.solve(problem.with_budget(peak - 1)).status is Status.INFEASIBLE
+
+
+@pytest.mark.parametrize("name", [n for n in list_scenarios() if n != "gpt7b"])
+def test_plans_at_half_the_peak_beat_checkpointing_every_unit_and_sqrt_segments(name: str) -> None:
+    """The full-size zoo, profiled on the meta device (times from FLOPs): at 50% of the unplanned
+    peak, where some plan fits, the plan costs no more than `all` or `sqrt` wherever those fit, and
+    peaks no higher at equal cost."""
+    w = load_scenario(name).build("full", device="meta")
+    graph = planner.profile(w.model, w.batch, loss_fn=w.loss_closure(), optimizer=w.optimizer)
+    try:
+        plan = planner.plan(graph, "50%", time_limit_s=2.0)
+    except InfeasibleBudget:
+        pytest.skip(f"no plan of {name} fits 50% of its peak")
+    problem = build_problem(graph, plan.budget_bytes)
+    compared = 0
+    for baseline in ("all", "sqrt"):
+        chosen = get_solver(baseline)(problem, 10.0).chosen
+        if problem.peak_bytes(chosen) > plan.budget_bytes:
+            continue
+        compared += 1
+        cost = problem.overhead_ms(chosen)
+        assert plan.predicted_overhead_ms <= cost + 1e-6
+        if plan.predicted_overhead_ms >= cost - 1e-6:
+            assert plan.predicted_peak_bytes <= problem.peak_bytes(chosen)
+    assert compared, f"neither baseline fits 50% of {name}'s peak"
