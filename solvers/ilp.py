@@ -40,7 +40,7 @@ from solvers.problem import Problem
 
 NS_PER_MS = 1_000_000  # objective unit: costs in ms are rounded to whole nanoseconds
 NUM_WORKERS = 2
-HINT_SHARE = 0.3  # of the time limit, at most, for the starting plan
+HINT_SHARE = 0.5  # of the time limit, at most, for the starting plan
 DP_HINT_UNITS = 60  # larger graphs start from the dynamic programme's plan
 HINT_STATES = (128, dp.MAX_STATES)  # its fronts: small ones first, then dp's own while time is left
 
