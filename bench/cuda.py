@@ -6,7 +6,7 @@ For each scenario, profiled on the device: the unplanned step predicted and meas
 (`torch.cuda.max_memory_allocated` and `max_memory_reserved`, and what the allocator holds outside
 the model at rest: cuBLAS workspaces and the like), then plans at 80%, at 50% (or the smallest
 feasible budget) and at that + 10%, each trained with planned and unplanned steps in turns; the
-tightest plan's losses and gradients over 3 steps against the unplanned run's (and the unplanned
+tightest of those plans' losses and gradients over 3 steps against the unplanned run's (and the unplanned
 run against itself: the floor that non-deterministic kernels set); and a plan that offloads every
 unit it can, whose copies run on a side stream, predicted with the device's overlap against the
 measured step. Rows are written to `--out` after each scenario.
@@ -61,9 +61,8 @@ def scenario_report(name: str, variant: str, device: str, steps: int, time_limit
         "workspace_bytes": graph.fixed.workspace,
         "largest_transients": [
             {"op": b.op, "phase": b.phase.value, "bytes": b.bytes}
-            for b in sorted(graph.blocks, key=lambda b: -b.bytes)[:200]
-            if b.category is Category.TRANSIENTS
-        ][:5],
+            for b in sorted((b for b in graph.blocks if b.category is Category.TRANSIENTS), key=lambda b: -b.bytes)[:5]
+        ],
         "host_copy_bytes_per_s": host_copy_bytes_per_s(64 << 20, device=device),
         "plans": [],
     }
@@ -73,11 +72,9 @@ def scenario_report(name: str, variant: str, device: str, steps: int, time_limit
         tight, label = planner.plan(graph, "50%", time_limit_s=time_limit_s).budget_bytes, "50%"
     except InfeasibleBudget:
         tight, label = smallest, "smallest"
-    plans = []
-    for budget, what in ((int(0.8 * unplanned), "80%"), (tight, label), (int(tight * 1.1), f"{label} + 10%")):
-        if smallest <= budget < unplanned:
-            plans.append((what, planner.plan(graph, budget, time_limit_s=time_limit_s)))
-    plans.append(("offload every unit", offload_all(graph)))
+    budgets = ((int(0.8 * unplanned), "80%"), (tight, label), (int(tight * 1.1), f"{label} + 10%"))
+    planned = [(what, planner.plan(graph, b, time_limit_s=time_limit_s)) for b, what in budgets if smallest <= b < unplanned]
+    plans = [*planned, ("offload every unit", offload_all(graph))]
     for what, plan in plans:
         base, under = run_under_plan(w, plan, steps)
         report["plans"].append(
@@ -97,7 +94,7 @@ def scenario_report(name: str, variant: str, device: str, steps: int, time_limit
                 "planned_ms": under.step_ms,
             }
         )
-    report["numerics"] = numerics(name, variant, device, plans[-2][1] if len(plans) > 1 else plans[-1][1])
+    report["numerics"] = numerics(name, variant, device, min(planned or plans, key=lambda p: p[1].budget_bytes)[1])
     report["seconds"] = time.perf_counter() - start
     return report
 
