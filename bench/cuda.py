@@ -3,13 +3,13 @@
     python -m bench.cuda [--variant full] [--scenarios gpt resnet] [--steps 10] [--out cuda.json]
 
 For each scenario, profiled on the device: the unplanned step predicted and measured
-(`torch.cuda.max_memory_allocated` and `max_memory_reserved`, and what the allocator holds outside
-the model at rest: cuBLAS workspaces and the like), then plans at 80%, at 50% (or the smallest
-feasible budget) and at that + 10%, each trained with planned and unplanned steps in turns; the
-last budget's plan: its losses and gradients over 3 steps against the unplanned run's (and the unplanned
-run against itself: the floor that non-deterministic kernels set); and a plan that offloads every
-unit it can, whose copies run on a side stream, predicted with the device's overlap against the
-measured step. Rows are written to `--out` after each scenario.
+(`torch.cuda.max_memory_allocated` and `max_memory_reserved`; the profile's workspaces, what the
+allocator holds outside the model), then plans at 80%, at 50% (or the smallest feasible budget)
+and at that + 10%, and a plan that offloads every unit it can (copies on a side stream), each
+trained with planned and unplanned steps in turns. Numerics, for the last budget's plan: losses
+and gradients over 3 steps against the unplanned run's, with dropout on and off, beside PyTorch's
+own checkpoint around the same units and the unplanned run against itself (the floor that
+non-deterministic kernels set). Rows are written to `--out` after each scenario.
 """
 
 from __future__ import annotations
