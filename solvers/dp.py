@@ -186,7 +186,8 @@ def _front(children: dict, nodes: _Nodes, model: Model, a: int, max_states: int)
 
 
 def _pareto(cost: np.ndarray, s: np.ndarray, bands: int = 2048) -> np.ndarray:
-    """Indices of states that no earlier state in order of cost beats on S, in that order.
+    """Indices of the states no other state beats (no more cost and more S, or less cost and as much
+    S; of equal states, one), in order of cost.
 
     Most states are beaten; those beaten by a state in a higher band of S go first, without sorting."""
     candidates = np.arange(len(cost))
@@ -197,7 +198,7 @@ def _pareto(cost: np.ndarray, s: np.ndarray, bands: int = 2048) -> np.ndarray:
         np.minimum.at(least, band, cost)
         above = np.minimum.accumulate(least[::-1])[::-1][band + 1]  # least cost of a state with more S
         candidates = np.flatnonzero(above > cost)
-    order = candidates[np.argsort(cost[candidates])]
+    order = candidates[np.lexsort((-s[candidates], cost[candidates]))]  # of equal cost, the most S first
     best = np.maximum.accumulate(s[order])
     return order[np.concatenate([[True], s[order][1:] > best[:-1]])]
 
