@@ -57,7 +57,7 @@ def scenario_report(name: str, variant: str, device: str, steps: int, time_limit
         "reserved_unplanned_bytes": measured.reserved_bytes,
         "predicted_step_ms": graph.step_ms,
         "measured_step_ms": measured.step_ms,
-        "fixed_bytes": sum(graph.fixed.by_category().values()),
+        "fixed_bytes": graph.fixed.total,
         "workspace_bytes": graph.fixed.workspace,
         "largest_transients": [
             {"op": b.op, "phase": b.phase.value, "bytes": b.bytes}

@@ -76,7 +76,6 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-
 def buffers_of(modules: Sequence[nn.Module]) -> list[torch.Tensor]:
     """The buffers of some modules and their submodules, each once."""
     return list({id(b): b for m in modules for b in m.buffers()}.values())

@@ -234,12 +234,13 @@ def _expand(model: Model, a: int, group: _Group, relevant: tuple, pending: list[
         on = k < BIG
         shift = k[:, None] + freed
         # a replay: no constraint unless its option is the step covering its first unit
-        first = model.item_first[ids][:, None]
-        dropped = (model.item_option[ids][:, None] != KEEP) & (a <= first) & (first <= end) & (opt != model.item_option[ids][:, None])
+        first, option = model.item_first[ids][:, None], model.item_option[ids][:, None]
+        dropped = (option != KEEP) & (a <= first) & (first <= end) & (opt != option)
         dropped |= ~on[:, None]
         needed = np.where(dropped, -np.inf, model.item_need[ids][:, None] - shift)
         kept = np.where(dropped, BIG, shift - total)
-        met_from = np.where(on[:, None], needed - model.item_least[ids][:, None], -np.inf)  # met for good: later steps hold no more than least
+        # met for good: later steps hold no more than least there
+        met_from = np.where(on[:, None], needed - model.item_least[ids][:, None], -np.inf)
         check = model.item_check[ids][:, None]
         checked = (a <= check) & (check <= end) & on[:, None]
         lowest = np.maximum(lowest, np.where(checked, needed, -np.inf).max(axis=0))
