@@ -20,7 +20,7 @@ import gc
 import json
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -75,6 +75,8 @@ def scenario_report(name: str, variant: str, device: str, steps: int, time_limit
     budgets = ((int(0.8 * unplanned), "80%"), (tight, label), (int(tight * 1.1), f"{label} + 10%"))
     planned = [(what, planner.plan(graph, b, time_limit_s=time_limit_s)) for b, what in budgets if smallest <= b < unplanned]
     plans = [*planned, ("offload every unit", offload_all(graph))]
+    bare = replace(roofline_for(graph), mechanism=None)  # what the plans would cost without the executor's own work
+    report["mechanism"] = asdict(roofline_for(graph).mechanism)
     for what, plan in plans:
         base, under = run_under_plan(w, plan, steps)
         report["plans"].append(
@@ -89,6 +91,7 @@ def scenario_report(name: str, variant: str, device: str, steps: int, time_limit
                 "reserved_bytes": under.reserved_bytes,
                 "unplanned_measured_bytes": base.peak_bytes,
                 "predicted_overhead_pct": plan.overhead_pct,
+                "predicted_mechanism_ms": plan.predicted_overhead_ms - simulate(graph, plan.choices, bare).extra_ms,
                 "measured_overhead_pct": 100.0 * (under.step_ms / base.step_ms - 1.0),
                 "unplanned_ms": base.step_ms,
                 "planned_ms": under.step_ms,

@@ -289,6 +289,7 @@ class _Stored:
         self.device: torch.UntypedStorage | None = storage
         self.host: _HostCopy | None = None
         self.restored: torch.UntypedStorage | None = None
+        self.ready: Any = None  # CUDA: the event of the copy back, waited for where first used
 
 
 class _Slot:
@@ -301,6 +302,9 @@ class _Slot:
         self.dtype, self.size, self.stride, self.offset = t.dtype, t.size(), t.stride(), t.storage_offset()
 
     def tensor(self) -> torch.Tensor:
+        if self.stored.ready is not None:
+            torch.cuda.current_stream(self.stored.restored.device).wait_event(self.stored.ready)
+            self.stored.ready = None
         storage = self.stored.restored if self.stored.restored is not None else self.stored.device
         return torch.empty(0, dtype=self.dtype, device=storage.device).set_(
             storage, self.offset, self.size, self.stride
@@ -348,7 +352,9 @@ class _Offloaded:
         for ref in self.slots:
             slot = ref()
             if slot is not None and slot.stored.host is not None:
-                slot.stored.restored, slot.stored.host = _to_device(slot.stored.host, self.owner), None
+                stored = slot.stored
+                stored.restored, stored.ready = _to_device(stored.host, self.owner)
+                stored.host = None
 
 
 @dataclass
@@ -437,30 +443,28 @@ def _mechanism_point(device: str, layers: int, repeats: int) -> tuple[int, float
     return len(saved - skip), region, statistics.median(diffs[offload][1:])
 
 
-def host_copy_bytes_per_s(nbytes: int, repeats: int = 3, device: str = "cpu") -> float:
+def host_copy_bytes_per_s(nbytes: int, repeats: int = 5, device: str = "cpu") -> float:
     """Bytes per second, each way, of offloading a storage of `nbytes` (at most 64 MiB) and
-    bringing it back (median of `repeats` round trips after a warm-up). What comes back is kept
-    until the end, so that each round trip allocates fresh memory, as in a training step."""
+    bringing it back (median of `repeats` round trips after a warm-up). What comes back is freed
+    before the next round trip, as backward frees it in a training step."""
     storage = torch.empty(min(max(nbytes, 1), 64 << 20), dtype=torch.uint8, device=device).untyped_storage()
-    owner, times, restored = _Offloader(), [], []
-
-    def round_trip() -> None:
-        restored.append(_to_device(_to_host(storage, owner), owner))
-
-    for _ in range(repeats + 1):
-        times.append(timed_ms(round_trip, storage.device))
+    owner = _Offloader()
+    times = [timed_ms(lambda: _to_device(_to_host(storage, owner), owner)[0], storage.device) for _ in range(repeats + 1)]
     return 2 * storage.nbytes() / statistics.median(times[1:]) * 1e3
 
 
-def _to_device(copy: _HostCopy, owner: _Offloader) -> torch.UntypedStorage:
+def _to_device(copy: _HostCopy, owner: _Offloader) -> tuple[torch.UntypedStorage, Any]:
+    """The storage back on its device, and on CUDA the event its users wait for. The copy runs on
+    the side stream into memory of the current stream's pool, so that backward reuses it."""
     if copy.device.type == "cuda":
-        stream = owner.side_stream(copy.device)
-        stream.wait_event(copy.event)
+        current, stream = torch.cuda.current_stream(copy.device), owner.side_stream(copy.device)
+        data = torch.empty(copy.data.shape, dtype=torch.uint8, device=copy.device)
+        stream.wait_stream(current)  # the memory is free from the current stream's point on
         with torch.cuda.stream(stream):
-            data = copy.data.to(copy.device, non_blocking=True)
-        torch.cuda.current_stream(copy.device).wait_stream(stream)
-        data.record_stream(torch.cuda.current_stream(copy.device))
-        return data.untyped_storage()
+            data.copy_(copy.data, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return data.untyped_storage(), event
     storage = torch.from_numpy(copy.data).clone().untyped_storage()
     owner.host_arrays.setdefault(copy.data.size, []).append(copy.data)
-    return storage
+    return storage, None
