@@ -65,7 +65,9 @@ def roofline_for(graph: ProfiledGraph) -> Roofline:
     """The rates that cost plans for `graph` when none are given: REFERENCE for estimated times;
     for times measured on a device, that device's (a catalog GPU by its CUDA name; a CPU's measured
     copy rate, paid in full since its copies stop compute) with the fixed costs of recompute
-    regions and offloaded calls measured on it (`planner.executor.mechanism`)."""
+    regions and offloaded calls measured on it (`planner.executor.mechanism`). Those costs are the
+    host's work: where a GPU runs behind the host, only the share of the step that the host is busy
+    issuing work counts."""
     if not graph.measured_times:
         return REFERENCE
     from planner.executor import mechanism  # measured through the executor, which builds on this module
@@ -80,7 +82,7 @@ def roofline_for(graph: ProfiledGraph) -> Roofline:
     device = torch.device(graph.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return rates
-    return replace(rates, mechanism=mechanism(str(device)))
+    return replace(rates, mechanism=mechanism(str(device)).scaled(graph.meta.get("host_busy", 1.0)))
 
 
 def retime(graph: ProfiledGraph, roofline: Roofline) -> ProfiledGraph:

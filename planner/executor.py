@@ -28,7 +28,7 @@ import functools
 import statistics
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -396,6 +396,10 @@ class Mechanism:
     region_storage_ms: float
     offload_ms: float
     offload_storage_ms: float
+
+    def scaled(self, share: float) -> Mechanism:
+        """These costs where only `share` of the host's extra work delays the step."""
+        return Mechanism(*(share * ms for ms in astuple(self)))
 
 
 @functools.cache

@@ -106,6 +106,7 @@ class _Recorder(StorageTracker):
         self.other_ms = 0.0
         self.backward_ms = 0.0  # operator time in backward, in units or not
         self.host_bytes_per_s: float | None = None  # CPU offload copy rate, measured
+        self.host_busy = 1.0  # share of the timed step the host spends issuing it
         self.other_flops = 0  # operators outside every unit: loss, optimizer, glue
         self.other_bytes = 0
         self.last_outputs: set[int] = set()  # ids of the tensors the last unit returned
@@ -423,6 +424,7 @@ TIMED_STEPS = 2  # untracked forward and backward passes that give the profile i
 class _Timing:
     units: list[float]  # forward ms of each unit call
     backward_ms: float
+    host_busy: float = 1.0  # share of the step the host spends issuing it (below 1 where a GPU runs behind)
 
 
 def _timed_step(model, batch, names, loss_fn, autocast_dtype, device: torch.device) -> _Timing:
@@ -445,18 +447,27 @@ def _timed_step(model, batch, names, loss_fn, autocast_dtype, device: torch.devi
         return start.elapsed_time(end) if cuda else (end - start) * 1e3
 
     starts, ends, phases = [], [], {}
-    with unit_hooks(model, names, lambda *call: starts.append(mark()), lambda output: ends.append(mark())):
-        train_step(model, batch, loss_fn, None, autocast_dtype, lambda phase: phases.__setitem__(phase, mark()))
     if cuda:
         torch.cuda.synchronize(device)
-    return _Timing([ms(a, b) for a, b in zip(starts, ends)], ms(phases[Phase.BACKWARD], phases[Phase.OPTIMIZER]))
+    begin = time.perf_counter()
+    with unit_hooks(model, names, lambda *call: starts.append(mark()), lambda output: ends.append(mark())):
+        train_step(model, batch, loss_fn, None, autocast_dtype, lambda phase: phases.__setitem__(phase, mark()))
+    issued = time.perf_counter()
+    if cuda:
+        torch.cuda.synchronize(device)
+    busy = (issued - begin) / (time.perf_counter() - begin)
+    return _Timing([ms(a, b) for a, b in zip(starts, ends)], ms(phases[Phase.BACKWARD], phases[Phase.OPTIMIZER]), busy)
 
 
 def _least(timings: list[_Timing]) -> _Timing:
     """Each time at its least over some steps: the steps after the first of a process run faster."""
     if len({len(t.units) for t in timings}) > 1:
         return timings[-1]
-    return _Timing([min(ms) for ms in zip(*(t.units for t in timings))], min(t.backward_ms for t in timings))
+    return _Timing(
+        [min(ms) for ms in zip(*(t.units for t in timings))],
+        min(t.backward_ms for t in timings),
+        min(t.host_busy for t in timings),
+    )
 
 
 def _calibrate(rec: _Recorder, timing: _Timing) -> None:
@@ -473,6 +484,7 @@ def _calibrate(rec: _Recorder, timing: _Timing) -> None:
         unit.fwd_ms = ms
         unit.bwd_ms *= backward_scale
     rec.other_ms *= sum(timing.units) / profiled
+    rec.host_busy = timing.host_busy
 
 
 def _graph(
@@ -507,6 +519,8 @@ def _graph(
         meta["device_name"] = torch.cuda.get_device_name(device)
     if rec.host_bytes_per_s is not None:
         meta["host_bytes_per_s"] = rec.host_bytes_per_s
+    if device.type == "cuda":
+        meta["host_busy"] = rec.host_busy
     fixed = FixedMemory(
         parameters=fixed_sizes[Category.PARAMETERS],
         buffers=fixed_sizes[Category.BUFFERS],

@@ -113,8 +113,11 @@ class StorageTracker(TorchDispatchMode):
             return func(*args, **kwargs)
         if self.watch_scratch:
             torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.synchronize(self.device)  # the clock sees this operator's kernels, not those queued before
         start = time.perf_counter()
         out = func(*args, **kwargs)
+        if self.watch_scratch:
+            torch.cuda.synchronize(self.device)
         self.op_ms = (time.perf_counter() - start) * 1e3
         self.tick += 1
         ins = op_tensors((*args, *kwargs.values()))
