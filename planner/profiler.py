@@ -17,6 +17,7 @@ and bytes (`planner.costmodel`).
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -104,7 +105,10 @@ class _Recorder(StorageTracker):
         self.open: dict[int, _Block] = {}
         self.blocks: list[_Block] = []
         self.other_ms = 0.0
+        self.backward_ops: list[tuple[int | None, Any, float]] = []  # (unit, operator and inputs, ms)
         self.backward_ms = 0.0  # operator time in backward, in units or not
+        self.other_backward_ms = 0.0  # of which outside units
+        self.optimizer_ms = 0.0  # operator time in the optimizer's step
         self.host_bytes_per_s: float | None = None  # CPU offload copy rate, measured
         self.host_busy = 1.0  # share of the timed step the host spends issuing it
         self.other_flops = 0  # operators outside every unit: loss, optimizer, glue
@@ -122,6 +126,25 @@ class _Recorder(StorageTracker):
     def finish(self) -> None:
         self.phase_ticks[self.phase].append(self.tick)
         self.stop_tracking()
+        self._sum_backward()
+
+    def _sum_backward(self) -> None:
+        """Backward times by unit. The first call of an operator on inputs of some shapes may load or
+        tune its kernels (lazily, on CUDA); where the same call comes again, it takes their median."""
+        later: dict[Any, list[float]] = {}
+        for _, signature, ms in self.backward_ops[::-1]:
+            later.setdefault(signature, []).append(ms)
+        seen = set()
+        for unit, signature, ms in self.backward_ops:
+            if signature not in seen and len(later[signature]) > 1:
+                ms = min(ms, statistics.median(later[signature][:-1]))
+            seen.add(signature)
+            self.backward_ms += ms
+            if unit is None:
+                self.other_backward_ms += ms
+                self.other_ms += ms
+            else:
+                self.units[unit].bwd_ms += ms
 
     # Storages.
     def on_alloc(self, key: int, nbytes: int) -> None:
@@ -142,8 +165,6 @@ class _Recorder(StorageTracker):
         ms = self.op_ms
         if self.estimated_times:
             ms = costmodel.REFERENCE.op_ms(flops, moved)
-        if self.phase is Phase.BACKWARD:
-            self.backward_ms += ms
         unit = self.units[self.current] if self.current is not None else None
         if self.phase is Phase.FORWARD:
             # an operator's outputs that share an input's storage wrote into it, unless it is a view
@@ -157,13 +178,19 @@ class _Recorder(StorageTracker):
                 unit.fwd_flops += flops
                 unit.ops.append(_Op(self.op_name, flops, moved, ms, [self.open[k] for k in new], random))
                 return
-        elif self.phase is Phase.BACKWARD and unit is not None:
-            unit.bwd_ms += ms
-            unit.bwd_flops += flops
-            unit.bwd_bytes += moved
-            unit.bwd_end = self.tick
-            return
-        self.other_ms += ms
+        elif self.phase is Phase.BACKWARD:
+            # estimated times are the same for the same call: no signature needed
+            signature = len(self.backward_ops) if self.estimated_times else (func, tuple((t.shape, t.dtype) for t in ins))
+            self.backward_ops.append((self.current, signature, ms))
+            if unit is not None:
+                unit.bwd_flops += flops
+                unit.bwd_bytes += moved
+                unit.bwd_end = self.tick
+                return
+        else:
+            self.other_ms += ms
+            if self.phase is Phase.OPTIMIZER:
+                self.optimizer_ms += ms
         self.other_flops += flops
         self.other_bytes += moved
 
@@ -394,7 +421,7 @@ def profile(
             held = torch.cuda.memory_allocated(device) - rec.live_bytes + sum(b.bytes for b in opt_state)
         rec.finish()
         if not rec.estimated_times:
-            timings = [_timed_step(model, batch, names, loss_fn, autocast_dtype, device) for _ in range(TIMED_STEPS)]
+            timings = [_timed_step(model, batch, names, loss_fn, autocast_dtype, device, optimizer) for _ in range(TIMED_STEPS)]
             _calibrate(rec, _least(timings))
             if device.type == "cpu":
                 saved = [b.bytes for b in rec.blocks if b.savers and b.phase is Phase.FORWARD]
@@ -417,7 +444,7 @@ def _typical(sizes: list[int]) -> int:
     return 1 << 20
 
 
-TIMED_STEPS = 2  # untracked forward and backward passes that give the profile its times
+TIMED_STEPS = 2  # untracked training steps that give the profile its times
 
 
 @dataclass
@@ -425,14 +452,16 @@ class _Timing:
     units: list[float]  # forward ms of each unit call
     backward_ms: float
     host_busy: float = 1.0  # share of the step the host spends issuing it (below 1 where a GPU runs behind)
+    optimizer_ms: float | None = None
 
 
-def _timed_step(model, batch, names, loss_fn, autocast_dtype, device: torch.device) -> _Timing:
-    """Times one more forward and backward, untracked: each unit call's forward, and the backward.
+def _timed_step(model, batch, names, loss_fn, autocast_dtype, device: torch.device, optimizer=None) -> _Timing:
+    """Times one more forward and backward, untracked: each unit call's forward, the backward, and
+    the optimizer's step if one is given (the caller restores what it changes).
 
-    The profiled step runs every operator through the tracker, first in the process, so its
-    operator times carry costs that training does not pay; this step's clock is the truth. A whole
-    forward and backward leaves data-parallel engines as a training step does.
+    The profiled step runs every operator through the tracker, so its operator times carry costs
+    that training does not pay; this step's clock is the truth. A whole forward and backward leaves
+    data-parallel engines as a training step does.
     """
     cuda = device.type == "cuda"
 
@@ -451,12 +480,17 @@ def _timed_step(model, batch, names, loss_fn, autocast_dtype, device: torch.devi
         torch.cuda.synchronize(device)
     begin = time.perf_counter()
     with unit_hooks(model, names, lambda *call: starts.append(mark()), lambda output: ends.append(mark())):
-        train_step(model, batch, loss_fn, None, autocast_dtype, lambda phase: phases.__setitem__(phase, mark()))
-    issued = time.perf_counter()
+        train_step(model, batch, loss_fn, optimizer, autocast_dtype, lambda phase: phases.__setitem__(phase, mark()))
+    end, issued = mark(), time.perf_counter()
     if cuda:
         torch.cuda.synchronize(device)
     busy = (issued - begin) / (time.perf_counter() - begin)
-    return _Timing([ms(a, b) for a, b in zip(starts, ends)], ms(phases[Phase.BACKWARD], phases[Phase.OPTIMIZER]), busy)
+    return _Timing(
+        [ms(a, b) for a, b in zip(starts, ends)],
+        ms(phases[Phase.BACKWARD], phases[Phase.OPTIMIZER]),
+        busy,
+        ms(phases[Phase.OPTIMIZER], end) if optimizer is not None else None,
+    )
 
 
 def _least(timings: list[_Timing]) -> _Timing:
@@ -467,12 +501,13 @@ def _least(timings: list[_Timing]) -> _Timing:
         [min(ms) for ms in zip(*(t.units for t in timings))],
         min(t.backward_ms for t in timings),
         min(t.host_busy for t in timings),
+        min((t.optimizer_ms for t in timings if t.optimizer_ms is not None), default=None),
     )
 
 
 def _calibrate(rec: _Recorder, timing: _Timing) -> None:
     """Units take their clocked forward times (their operators scaled to them); backward operators
-    share the clocked backward in proportion, and other work shrinks as the forward did."""
+    share the clocked backward in proportion, and other work shrinks as the phase it ran in did."""
     profiled = sum(u.fwd_ms for u in rec.units)
     if len(timing.units) != len(rec.units) or not profiled:  # the model took another path: keep the operator times
         return
@@ -483,7 +518,9 @@ def _calibrate(rec: _Recorder, timing: _Timing) -> None:
             op.ms *= scale
         unit.fwd_ms = ms
         unit.bwd_ms *= backward_scale
-    rec.other_ms *= sum(timing.units) / profiled
+    optimizer_ms = rec.optimizer_ms if timing.optimizer_ms is None else timing.optimizer_ms
+    forward_other = rec.other_ms - rec.other_backward_ms - rec.optimizer_ms
+    rec.other_ms = forward_other * sum(timing.units) / profiled + rec.other_backward_ms * backward_scale + optimizer_ms
     rec.host_busy = timing.host_busy
 
 
