@@ -61,24 +61,35 @@ class Model:
         self.item_option = np.array([t.option for t in self.tracked], dtype=np.int64)
         self.item_first = np.where(self.item_option != KEEP, self.option_first[np.maximum(self.item_option, 0)], -1)
 
-    def relevant(self, a: int) -> tuple[dict[int, int], np.ndarray, np.ndarray]:
-        """Tracked items that a step from boundary a reads, checks or carries; what each step frees
-        where each is counted [items, steps]; whether each is live after each step [items, steps]."""
-        opt, end = self.steps[a][0], self.steps[a][1]
-        items = set(self.live[a]) | {i for b in np.unique(end).tolist() for i in self.live[b + 1]}
-        items |= {i for p in range(a, int(end.max()) + 1) for i in self.checked_at[p]}
-        items = sorted(items)
-        freed = np.zeros((len(items), len(opt)), dtype=np.int64)
-        if not items:
-            return {}, freed, np.zeros((0, len(opt)), dtype=bool)
-        for cover in {id(self.tracked[i].cover): self.tracked[i].cover for i in items}.values():
-            rows = [r for r, i in enumerate(items) if self.tracked[i].cover is cover]
-            x = np.array([self.tracked[items[r]].x for r in rows])
-            freed[rows] = cover.at(np.broadcast_to(np.maximum(opt, 0), (len(rows), len(opt))), x[:, None])
-        freed[:, opt == KEEP] = 0
-        ids = np.array(items)
-        after = (self.item_init[ids, None] <= end) & (end < self.item_check[ids, None])  # live at boundary end + 1
-        return {i: r for r, i in enumerate(items)}, freed, after
+    def relevant(self) -> list[tuple[dict[int, int], np.ndarray, np.ndarray]]:
+        """Per boundary a: the tracked items that a step from a reads, checks or carries (item -> row);
+        what each step frees where each is counted [items, steps]; whether each is live after each
+        step [items, steps]. The freed bytes of all boundaries come from one query per cover."""
+        per_boundary, options, xs = [], [], []
+        for a in range(self.n_units):
+            opt, end = self.steps[a][0], self.steps[a][1]
+            items = set(self.live[a]) | {i for b in np.unique(end).tolist() for i in self.live[b + 1]}
+            items |= {i for p in range(a, int(end.max()) + 1) for i in self.checked_at[p]}
+            ids = np.array(sorted(items), dtype=np.int64)
+            per_boundary.append(ids)
+            options.append(np.tile(np.maximum(opt, 0), len(ids)))
+            xs.append(np.repeat(ids, len(opt)))  # the items, for now
+        option, item = np.concatenate(options), np.concatenate(xs)
+        freed = np.zeros(len(option), dtype=np.int64)
+        covers = {id(t.cover): t.cover for t in self.tracked}
+        which = np.array([list(covers).index(id(t.cover)) for t in self.tracked], dtype=np.int64)
+        x = np.array([t.x for t in self.tracked], dtype=np.int64)
+        for c, cover in enumerate(covers.values()):
+            mine = which[item] == c
+            freed[mine] = cover.at(option[mine], x[item[mine]])
+        out = []
+        for ids, part in zip(per_boundary, np.split(freed, np.cumsum([len(o) for o in options])[:-1])):
+            opt, end = self.steps[len(out)][0], self.steps[len(out)][1]
+            part = part.reshape(len(ids), len(opt))
+            part[:, opt == KEEP] = 0
+            after = (self.item_init[ids, None] <= end) & (end < self.item_check[ids, None])  # live at boundary end + 1
+            out.append(({i: r for r, i in enumerate(ids.tolist())}, part, after))
+        return out
 
 
 def model_of(problem: Problem, arr: Arrays) -> Model | None:

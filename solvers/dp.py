@@ -36,7 +36,7 @@ checked against the exact peak before it is returned.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,38 +50,46 @@ MAX_STATES = 512  # per key and boundary, before the front is thinned
 LATE_STATES = 64  # per boundary once the time limit has passed
 
 
-@dataclass
-class _Nodes:
-    """Every kept state, as the step that made it: parent node and option (KEEP for a kept unit)."""
+class _States:
+    """Every kept state: its cost, its S and the step that made it (parent state, option; KEEP for a
+    kept unit), in arrays that grow; a state is its index."""
 
-    parent: list[np.ndarray] = field(default_factory=list)
-    option: list[np.ndarray] = field(default_factory=list)
-    count: int = 0
+    def __init__(self) -> None:
+        self.cost, self.s = np.zeros(1 << 12), np.zeros(1 << 12, dtype=np.int64)
+        self.parent, self.option = np.zeros(1 << 12, dtype=np.int64), np.zeros(1 << 12, dtype=np.int64)
+        self.count = 0
 
-    def add(self, parent: np.ndarray, option: np.ndarray) -> np.ndarray:
-        self.parent.append(parent)
-        self.option.append(option)
-        self.count += len(parent)
-        return np.arange(self.count - len(parent), self.count)
+    def add(self, cost: np.ndarray, s: np.ndarray, parent: np.ndarray, option: np.ndarray) -> int:
+        """Appends states; the index of the first."""
+        first, end = self.count, self.count + len(cost)
+        if end > len(self.cost):
+            size = max(2 * len(self.cost), end)
+            self.cost, self.s, self.parent, self.option = (
+                np.concatenate([a[:first], np.zeros(size - first, dtype=a.dtype)])
+                for a in (self.cost, self.s, self.parent, self.option)
+            )
+        self.cost[first:end], self.s[first:end], self.parent[first:end], self.option[first:end] = cost, s, parent, option
+        self.count = end
+        return first
 
-    def plan(self, node: int) -> tuple[int, ...]:
-        parent, option = np.concatenate(self.parent), np.concatenate(self.option)
+    def plan(self, state: int) -> tuple[int, ...]:
         chosen = []
-        while node >= 0:
-            if option[node] != KEEP:
-                chosen.append(int(option[node]))
-            node = int(parent[node])
+        while state >= 0:
+            if self.option[state] != KEEP:
+                chosen.append(int(self.option[state]))
+            state = int(self.parent[state])
         return tuple(sorted(chosen))
 
 
 @dataclass
 class _Group:
-    """States at a boundary with one key (V - S per live item, BIG once satisfied), sorted by cost and by S."""
+    """States at a boundary with one key (V - S per live item, BIG once satisfied), sorted by cost and
+    by S: states first, first + 1, ... (cost and s are views of them)."""
 
     key: tuple[int, ...]
+    first: int
     cost: np.ndarray  # ms
     s: np.ndarray  # bytes
-    node: np.ndarray
 
 
 def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
@@ -113,11 +121,11 @@ def _search(
     model = model_of(problem, arr)
     if model is None:
         return None, False, False
-    groups, nodes, thinned, late = _run(model, deadline, give_up, max_states)
+    groups, states, thinned, late = _run(model, deadline, give_up, max_states)
     if not groups:
         return None, thinned, late
     best = min(groups, key=lambda g: g.cost[0])
-    chosen = nodes.plan(int(best.node[0]))
+    chosen = states.plan(best.first)
     peak = arrays.peak_bytes(arr, chosen)
     if peak > problem.budget_bytes or not problem.compatible(chosen):
         raise RuntimeError(f"dp's plan peaks at {peak} bytes over the budget of {problem.budget_bytes}: a bug")
@@ -132,48 +140,52 @@ def _search(
 
 def _run(
     model: Model, deadline: float, give_up: bool = False, max_states: int = MAX_STATES
-) -> tuple[list[_Group], _Nodes, bool, bool]:
-    """Pareto fronts boundary by boundary; the last one's groups, the state tree, whether thinned or late."""
+) -> tuple[list[_Group], _States, bool, bool]:
+    """Pareto fronts boundary by boundary; the last one's groups, the states, whether thinned or late.
+
+    A step from the states first..first + count of a group at boundary a lands at boundary b + 1 as a
+    part (first + lo, first + hi, step cost, step S, option) under the key it leaves."""
     n = model.n_units
     pending: list[dict] = [{} for _ in range(n + 1)]
-    root = _Group((), np.zeros(1), np.zeros(1, dtype=np.int64), np.full(1, -1))
-    pending[0][()] = [(root, 0, 1, 0.0, 0, KEEP)]
-    nodes = _Nodes()
+    states = _States()
+    root = states.add(np.zeros(1), np.zeros(1, dtype=np.int64), np.full(1, -1), np.full(1, KEEP))
+    pending[0][()] = [(root, root + 1, 0.0, 0, KEEP)]
     thinned = late = False
     groups: list[_Group] = []
+    relevant = model.relevant()
     for a in range(n + 1):
         if not pending[a]:
             groups = []
             continue
         late = late or time.perf_counter() > deadline
         if late and give_up:
-            return [], nodes, thinned, late
-        groups, cut = _front(pending[a], nodes, model, a, LATE_STATES if late else max_states)
+            return [], states, thinned, late
+        groups, cut = _front(pending[a], states, model, a, LATE_STATES if late else max_states)
         thinned |= cut
         pending[a] = {}
         if a < n:
-            relevant = model.relevant(a)
             for group in groups:
-                _expand(model, a, group, relevant, pending)
-    return groups, nodes, thinned, late
+                _expand(model, a, group, relevant[a], pending)
+    return groups, states, thinned, late
 
 
-def _front(children: dict, nodes: _Nodes, model: Model, a: int, max_states: int) -> tuple[list[_Group], bool]:
+def _front(children: dict, states: _States, model: Model, a: int, max_states: int) -> tuple[list[_Group], bool]:
     """Per key, the non-dominated states (no more cost and no less S); states with unmet tracked items
     are also dropped when a state with none dominates them. Thinned to max_states per key."""
     groups, cut = [], False
     for key, parts in children.items():
-        part = np.repeat(np.arange(len(parts)), [hi - lo for _, lo, hi, *_ in parts])  # of each state
-        step_cost, step_s, step_option = np.array([p[3:] for p in parts]).T
-        cost = np.concatenate([g.cost[lo:hi] for g, lo, hi, *_ in parts]) + step_cost[part]
-        s = np.concatenate([g.s[lo:hi] for g, lo, hi, *_ in parts]) + step_s.astype(np.int64)[part]
+        lo, hi, step_cost, step_s, step_option = np.array(parts).T
+        length = (hi - lo).astype(np.int64)
+        part = np.repeat(np.arange(len(parts)), length)  # of each new state
+        parent = np.arange(int(length.sum())) + np.repeat(lo.astype(np.int64) - (np.cumsum(length) - length), length)
+        cost = states.cost[parent] + step_cost[part]
+        s = states.s[parent] + step_s.astype(np.int64)[part]
         if all(k >= BIG for k in key):
             s = np.minimum(s, model.cap[a])
         keep = _pareto(cost, s)
         if len(keep) > max_states:
             keep, cut = _thin(cost, s, keep, max_states, model.bound(a, model.row_cap[a] - s[keep])), True
-        parent = np.concatenate([g.node[lo:hi] for g, lo, hi, *_ in parts])[keep]
-        groups.append((key, cost[keep], s[keep], parent, step_option.astype(np.int64)[part[keep]]))
+        groups.append((key, cost[keep], s[keep], parent[keep], step_option.astype(np.int64)[part[keep]]))
     free = [g for g in groups if all(k >= BIG for k in g[0])]
     out = []
     for key, cost, s, parent, option in groups:
@@ -181,7 +193,7 @@ def _front(children: dict, nodes: _Nodes, model: Model, a: int, max_states: int)
             keep = ~_dominated(free[0][1], free[0][2], cost, np.minimum(s, model.cap[a]))
             cost, s, parent, option = cost[keep], s[keep], parent[keep], option[keep]
         if len(cost):
-            out.append(_Group(key, cost, s, nodes.add(parent, option)))
+            out.append(_Group(key, states.add(cost, s, parent, option), cost, s))
     return out, cut
 
 
@@ -198,9 +210,10 @@ def _pareto(cost: np.ndarray, s: np.ndarray, bands: int = 2048) -> np.ndarray:
         np.minimum.at(least, band, cost)
         above = np.minimum.accumulate(least[::-1])[::-1][band + 1]  # least cost of a state with more S
         candidates = np.flatnonzero(above > cost)
-    order = candidates[np.lexsort((-s[candidates], cost[candidates]))]  # of equal cost, the most S first
+    order = candidates[np.argsort(cost[candidates], kind="stable")]  # parts arrive sorted: runs for timsort
     best = np.maximum.accumulate(s[order])
-    return order[np.concatenate([[True], s[order][1:] > best[:-1]])]
+    front = order[np.concatenate([[True], s[order][1:] > best[:-1]])]  # S rising
+    return front[np.concatenate([cost[front][1:] != cost[front][:-1], [True]])]  # of equal cost, the most S
 
 
 def _dominated(free_cost: np.ndarray, free_s: np.ndarray, cost: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -247,22 +260,23 @@ def _expand(model: Model, a: int, group: _Group, relevant: tuple, pending: list[
     start = np.searchsorted(group.s, lowest, side="left")
     met_at = np.searchsorted(group.s, met_from, side="left")  # first state for which each item is met
     unmet = ((kept < BIG) & after & (met_at > start)).any(axis=0).tolist()
-    steps = zip(start.tolist(), unmet, end.tolist(), cost.tolist(), total.tolist(), opt.tolist())
-    for t, (lo, split, b, c, tot, o) in enumerate(steps):
-        if lo == len(group.s):
+    first, count = group.first, len(group.s)
+    steps = zip(start.tolist(), unmet, end.tolist(), cost.tolist(), total.tolist(), opt.tolist(), kept.T.tolist(), met_at.T.tolist())
+    for lo, split, b, c, tot, o, kept_t, met_t in steps:
+        if lo == count:
             continue
         if split:
-            _split(model, group, lo, items, kept[:, t], met_at[:, t], pending[b + 1], (c, tot, o), b)
+            _split(model, group, lo, items, kept_t, met_t, pending[b + 1], (c, tot, o), b)
         else:
-            pending[b + 1].setdefault(model.free_keys[b + 1], []).append((group, lo, len(group.s), c, tot, o))
+            pending[b + 1].setdefault(model.free_keys[b + 1], []).append((first + lo, first + count, c, tot, o))
 
 
 def _split(model, group, start, row, kept, met_at, target: dict, step: tuple, b: int) -> None:
     """States from `start` on after a step, cut where a tracked item becomes met; one key per piece."""
-    live = model.live[b + 1]
-    bounds = sorted({start, len(group.s)} | {max(int(met_at[row[i]]), start) for i in live})
+    live = [(kept[row[i]], met_at[row[i]]) for i in model.live[b + 1]]
+    bounds = sorted({start, len(group.s)} | {max(met, start) for _, met in live})
     for lo, hi in zip(bounds, bounds[1:]):
         if lo == hi:
             continue
-        key = tuple(BIG if kept[row[i]] >= BIG or lo >= met_at[row[i]] else int(kept[row[i]]) for i in live)
-        target.setdefault(key, []).append((group, lo, hi, *step))
+        key = tuple(BIG if k >= BIG or lo >= met else k for k, met in live)
+        target.setdefault(key, []).append((group.first + lo, group.first + hi, *step))
