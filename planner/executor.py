@@ -447,23 +447,15 @@ def _mechanism_point(device: str, layers: int, repeats: int) -> tuple[int, float
     return len(saved - skip), region, statistics.median(diffs[offload][1:])
 
 
-def host_copy_bytes_per_s(nbytes: int, repeats: int = 5, device: str = "cpu") -> float:
-    """Bytes per second, each way, of offloading a storage of `nbytes` (at most 64 MiB) and
-    bringing it back: medians of `repeats` round trips after a warm-up, with what comes back freed
-    at once (the allocator reuses its memory) and kept (fresh memory, which on the CPU costs page
-    faults beyond the copy). Which of the two a training step meets depends on the allocator's
-    state; the rate is that of the mean of the two times."""
-    storage = torch.empty(min(max(nbytes, 1), 64 << 20), dtype=torch.uint8, device=device).untyped_storage()
-    owner, kept = _Offloader(), []
-
-    def median_ms(keep: bool) -> float:
-        def round_trip() -> None:
-            restored = _to_device(_to_host(storage, owner), owner)[0]
-            kept.extend([restored] if keep else [])
-
-        return statistics.median([timed_ms(round_trip, storage.device) for _ in range(repeats + 1)][1:])
-
-    return 2 * storage.nbytes() / ((median_ms(False) + median_ms(True)) / 2) * 1e3
+def host_copy_bytes_per_s(nbytes: int = 32 << 20, repeats: int = 3, device: str = "cpu") -> float:
+    """Bytes per second, each way, of offloading a storage of `nbytes` and bringing it back (median
+    of `repeats` round trips after a warm-up). On a CPU, 32 MiB is large enough that what comes back
+    lands on freshly mapped pages, whose faults cost more than the copy, as restores in a training
+    step mostly do (the allocator gives large freed blocks back to the system)."""
+    storage = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device).untyped_storage()
+    owner = _Offloader()
+    times = [timed_ms(lambda: _to_device(_to_host(storage, owner), owner)[0], storage.device) for _ in range(repeats + 1)]
+    return 2 * storage.nbytes() / statistics.median(times[1:]) * 1e3
 
 
 def _to_device(copy: _HostCopy, owner: _Offloader) -> tuple[torch.UntypedStorage, Any]:

@@ -424,24 +424,13 @@ def profile(
             timings = [_timed_step(model, batch, names, loss_fn, autocast_dtype, device, optimizer) for _ in range(TIMED_STEPS)]
             _calibrate(rec, _least(timings))
             if device.type == "cpu":
-                saved = [b.bytes for b in rec.blocks if b.savers and b.phase is Phase.FORWARD]
-                rec.host_bytes_per_s = host_copy_bytes_per_s(_typical(saved))
+                rec.host_bytes_per_s = host_copy_bytes_per_s()
     sizes = fixed_bytes(groups, device)
     first_step_bytes = state_after - sizes[Category.OPTIMIZER]
     sizes[Category.OPTIMIZER] = state_after
     if held is not None:
         sizes[Category.WORKSPACE] = max(0, held - sum(sizes.values()))
     return _graph(model, device, rec, sizes, grads, opt_state, first_step_bytes)
-
-
-def _typical(sizes: list[int]) -> int:
-    """The size of block that holds the median saved byte: what offload copies are mostly made of."""
-    half, total = sum(sizes) / 2, 0
-    for size in sorted(sizes):
-        total += size
-        if total >= half:
-            return size
-    return 1 << 20
 
 
 TIMED_STEPS = 2  # untracked training steps that give the profile its times
