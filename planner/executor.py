@@ -447,11 +447,13 @@ def _mechanism_point(device: str, layers: int, repeats: int) -> tuple[int, float
     return len(saved - skip), region, statistics.median(diffs[offload][1:])
 
 
+@functools.cache
 def host_copy_bytes_per_s(nbytes: int = 32 << 20, repeats: int = 3, device: str = "cpu") -> float:
     """Bytes per second, each way, of offloading a storage of `nbytes` and bringing it back (median
-    of `repeats` round trips after a warm-up). On a CPU, 32 MiB is large enough that what comes back
-    lands on freshly mapped pages, whose faults cost more than the copy, as restores in a training
-    step mostly do (the allocator gives large freed blocks back to the system)."""
+    of `repeats` round trips after a warm-up), measured once per process. On a CPU, 32 MiB is large
+    enough that what comes back lands on freshly mapped pages, whose faults cost more than the copy,
+    as restores in a training step mostly do (the allocator gives large freed blocks back to the
+    system)."""
     storage = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device).untyped_storage()
     owner = _Offloader()
     times = [timed_ms(lambda: _to_device(_to_host(storage, owner), owner)[0], storage.device) for _ in range(repeats + 1)]
