@@ -65,7 +65,7 @@ class Model:
         """Per boundary a: the tracked items that a step from a reads, checks or carries (item -> row);
         what each step frees where each is counted [items, steps]; whether each is live after each
         step [items, steps]. The freed bytes of all boundaries come from one query per cover."""
-        per_boundary, options, xs = [], [], []
+        per_boundary, options, items_asked = [], [], []  # per boundary: items; option and item of each query
         for a in range(self.n_units):
             opt, end = self.steps[a][0], self.steps[a][1]
             items = set(self.live[a]) | {i for b in np.unique(end).tolist() for i in self.live[b + 1]}
@@ -73,8 +73,8 @@ class Model:
             ids = np.array(sorted(items), dtype=np.int64)
             per_boundary.append(ids)
             options.append(np.tile(np.maximum(opt, 0), len(ids)))
-            xs.append(np.repeat(ids, len(opt)))  # the items, for now
-        option, item = np.concatenate(options), np.concatenate(xs)
+            items_asked.append(np.repeat(ids, len(opt)))
+        option, item = np.concatenate(options), np.concatenate(items_asked)
         freed = np.zeros(len(option), dtype=np.int64)
         covers = {id(t.cover): t.cover for t in self.tracked}
         which = np.array([list(covers).index(id(t.cover)) for t in self.tracked], dtype=np.int64)
@@ -83,8 +83,8 @@ class Model:
             mine = which[item] == c
             freed[mine] = cover.at(option[mine], x[item[mine]])
         out = []
-        for ids, part in zip(per_boundary, np.split(freed, np.cumsum([len(o) for o in options])[:-1])):
-            opt, end = self.steps[len(out)][0], self.steps[len(out)][1]
+        for a, (ids, part) in enumerate(zip(per_boundary, np.split(freed, np.cumsum([len(o) for o in options])[:-1]))):
+            opt, end = self.steps[a][0], self.steps[a][1]
             part = part.reshape(len(ids), len(opt))
             part[:, opt == KEEP] = 0
             after = (self.item_init[ids, None] <= end) & (end < self.item_check[ids, None])  # live at boundary end + 1
