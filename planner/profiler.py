@@ -5,9 +5,9 @@
 The step runs once under a dispatch mode that sees every operator and every
 new storage, with module hooks marking the units and saved-tensor hooks
 telling which storages autograd keeps for backward and when backward first
-needs them. Two more forward and backward passes, untracked, give the units'
-times (the tracker's own work and first-call costs inflate the profiled
-step's clock); on a CPU, the rate of an offload's copies is measured too. The
+needs them. Two more training steps, untracked, give the units' times (the
+tracker's own work inflates the profiled step's clock); on a CPU, the rate of
+an offload's copies is measured too. The
 model, its buffers, the optimizer and the random number generators are left
 exactly as they were found. On the meta device, or with fake tensors (a model
 built under `FakeTensorMode`), nothing is allocated and times come from FLOPs
@@ -444,13 +444,13 @@ class _Timing:
     optimizer_ms: float | None = None
 
 
-def _timed_step(model, batch, names, loss_fn, autocast_dtype, device: torch.device, optimizer=None) -> _Timing:
-    """Times one more forward and backward, untracked: each unit call's forward, the backward, and
-    the optimizer's step if one is given (the caller restores what it changes).
+def _timed_step(model, batch, names, loss_fn, autocast_dtype, device: torch.device, optimizer) -> _Timing:
+    """Times one more training step, untracked: each unit call's forward, the backward, and the
+    optimizer's step if there is one (the caller restores what it changes).
 
     The profiled step runs every operator through the tracker, so its operator times carry costs
-    that training does not pay; this step's clock is the truth. A whole forward and backward leaves
-    data-parallel engines as a training step does.
+    that training does not pay; this step's clock is the truth. A whole step leaves data-parallel
+    engines as training does.
     """
     cuda = device.type == "cuda"
 
