@@ -302,10 +302,4 @@ class LowerBound:
 
     def __call__(self, a: int, need: np.ndarray) -> np.ndarray:
         free, nbytes, ms = self.tables[a // self.every]  # a checkpoint at or before a: more units, no more ms
-        rest = need - free
-        if len(nbytes) == 1:
-            return np.where(rest <= 0, 0.0, np.inf)
-        j = np.clip(np.searchsorted(nbytes, rest, side="left"), 1, len(nbytes) - 1)
-        step = np.maximum(nbytes[j] - nbytes[j - 1], 1e-300)
-        ms_needed = ms[j - 1] + (rest - nbytes[j - 1]) * (ms[j] - ms[j - 1]) / step
-        return np.where(rest <= 0, 0.0, np.where(rest > nbytes[-1], np.inf, ms_needed))
+        return np.interp(need - free, nbytes, ms, left=0.0, right=np.inf)  # bytes rise along the table

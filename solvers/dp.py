@@ -224,12 +224,16 @@ def _dominated(free_cost: np.ndarray, free_s: np.ndarray, cost: np.ndarray, s: n
 
 def _thin(cost: np.ndarray, s: np.ndarray, keep: np.ndarray, max_states: int, to_go: np.ndarray) -> np.ndarray:
     """In each of max_states bands of S, the state with the least cost plus lower bound on the cost to go;
-    and the one with the most S."""
+    and the one with the most S. `keep` is a front: S rises along it, so each band is a run."""
     sk = s[keep]
-    band = (sk - sk.min()) * (max_states - 1) // max(int(sk.max() - sk.min()), 1)
-    order = np.lexsort((cost[keep] + to_go, band))
-    first = np.concatenate([[True], band[order][1:] != band[order][:-1]])
-    chosen = np.union1d(order[first], [len(keep) - 1])  # positions in keep, which is in order of cost
+    band = (sk - sk[0]) * (max_states - 1) // max(int(sk[-1] - sk[0]), 1)
+    value = cost[keep] + to_go
+    starts = np.flatnonzero(np.concatenate([[True], band[1:] != band[:-1]]))
+    least = np.repeat(np.minimum.reduceat(value, starts), np.diff(np.append(starts, len(value))))
+    best = np.flatnonzero(value == least)
+    chosen = best[np.concatenate([[True], band[best][1:] != band[best][:-1]])]  # the first least of each band
+    if chosen[-1] != len(keep) - 1:
+        chosen = np.append(chosen, len(keep) - 1)
     return keep[chosen]
 
 
