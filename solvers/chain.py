@@ -61,35 +61,94 @@ class Model:
         self.item_option = np.array([t.option for t in self.tracked], dtype=np.int64)
         self.item_first = np.where(self.item_option != KEEP, self.option_first[np.maximum(self.item_option, 0)], -1)
 
-    def relevant(self) -> list[tuple[dict[int, int], np.ndarray, np.ndarray]]:
-        """Per boundary a: the tracked items that a step from a reads, checks or carries (item -> row);
-        what each step frees where each is counted [items, steps]; whether each is live after each
-        step [items, steps]. The freed bytes of all boundaries come from one query per cover."""
-        per_boundary, options, items_asked = [], [], []  # per boundary: items; option and item of each query
-        for a in range(self.n_units):
-            opt, end = self.steps[a][0], self.steps[a][1]
-            items = set(self.live[a]) | {i for b in np.unique(end).tolist() for i in self.live[b + 1]}
-            items |= {i for p in range(a, int(end.max()) + 1) for i in self.checked_at[p]}
-            ids = np.array(sorted(items), dtype=np.int64)
-            per_boundary.append(ids)
-            options.append(np.tile(np.maximum(opt, 0), len(ids)))
-            items_asked.append(np.repeat(ids, len(opt)))
-        option, item = np.concatenate(options), np.concatenate(items_asked)
-        freed = np.zeros(len(option), dtype=np.int64)
+    def reaches(self) -> list[Reach]:
+        """Per unit a, what the steps from boundary a read, check or carry of the tracked items: those with
+        init <= the last unit of a step from a (or an earlier boundary's) and check >= a."""
+        n, items = self.n_units, len(self.tracked)
+        count = np.array([len(step[0]) for step in self.steps])
+        furthest = np.maximum.accumulate([int(step[1].max()) for step in self.steps])
+        # pairs (boundary a, item i), by a then i
+        lo = np.searchsorted(furthest, self.item_init)
+        span = np.maximum(self.item_check - lo + 1, 0)
+        pair_a = np.repeat(lo, span) + _ranks(span)
+        pair_item = np.repeat(np.arange(items), span)
+        order = np.argsort(pair_a, kind="stable")
+        pair_a, pair_item = pair_a[order], pair_item[order]
+        per_a = np.bincount(pair_a, minlength=n)
+        # queries (pair, step of its boundary), [items, steps] per boundary
+        step_first = np.cumsum(count) - count
+        q_pair = np.repeat(np.arange(len(pair_a)), count[pair_a])
+        q_step = step_first[pair_a[q_pair]] + _ranks(count[pair_a])
+        q_a, q_item = pair_a[q_pair], pair_item[q_pair]
+        opt, end, cost, total, _ = (np.concatenate(column) for column in zip(*self.steps))
+        q_opt, q_end = opt[q_step], end[q_step]
+        freed = np.zeros(len(q_step), dtype=np.int64)
         covers = {id(t.cover): t.cover for t in self.tracked}
         which = np.array([list(covers).index(id(t.cover)) for t in self.tracked], dtype=np.int64)
         x = np.array([t.x for t in self.tracked], dtype=np.int64)
         for c, cover in enumerate(covers.values()):
-            mine = which[item] == c
-            freed[mine] = cover.at(option[mine], x[item[mine]])
-        out = []
-        for a, (ids, part) in enumerate(zip(per_boundary, np.split(freed, np.cumsum([len(o) for o in options])[:-1]))):
-            opt, end = self.steps[a][0], self.steps[a][1]
-            part = part.reshape(len(ids), len(opt))
-            part[:, opt == KEEP] = 0
-            after = (self.item_init[ids, None] <= end) & (end < self.item_check[ids, None])  # live at boundary end + 1
-            out.append(({i: r for r, i in enumerate(ids.tolist())}, part, after))
+            mine = (which[q_item] == c) & (q_opt != KEEP)
+            freed[mine] = cover.at(q_opt[mine], x[q_item[mine]])
+        first, check = self.item_first[q_item], self.item_check[q_item]
+        option = self.item_option[q_item]
+        need = self.item_need[q_item] - freed
+        kept = freed - total[q_step]
+        dropped = (option != KEEP) & (q_a <= first) & (first <= q_end) & (q_opt != option)
+        checked = (q_a <= check) & (check <= q_end)
+        # per step: the rows of the items live after it (at boundary end + 1), padded
+        width = max(map(len, self.live))
+        live = np.full((n + 1, width), -1)
+        for b, ids in enumerate(self.live):
+            live[b, : len(ids)] = ids
+        after = live[end + 1]  # [all steps, width]
+        step_a = np.repeat(np.arange(n), count)
+        pair_first = np.cumsum(per_a) - per_a
+        rows = np.searchsorted(pair_a * (items + 1) + pair_item, (step_a * (items + 1))[:, None] + after)
+        padded = after < 0
+        rows = np.where(padded, 0, rows - pair_first[step_a][:, None])
+        live_count = (~padded).sum(axis=1)
+        steps = list(zip((end + 1).tolist(), cost.tolist(), total.tolist(), opt.tolist()))
+        out, q = [], 0
+        for a in range(n):
+            k, t, t_end = int(per_a[a]), int(step_first[a]), int(step_first[a] + count[a])
+            shape, w = (k, int(count[a])), int(live_count[t:t_end].max())
+            ids = pair_item[pair_first[a] : pair_first[a] + k]
+            out.append(Reach(
+                key_rows=np.searchsorted(ids, self.live[a]),
+                need=need[q : q + k * shape[1]].reshape(shape),
+                kept=kept[q : q + k * shape[1]].reshape(shape),
+                least=self.item_least[ids],
+                dropped=dropped[q : q + k * shape[1]].reshape(shape),
+                checked=checked[q : q + k * shape[1]].reshape(shape),
+                live_rows=rows[t:t_end, :w],
+                padded=padded[t:t_end, :w],
+                live_count=live_count[t:t_end].tolist(),
+                steps=steps[t:t_end],
+            ))
+            q += k * shape[1]
         return out
+
+
+def _ranks(length: np.ndarray) -> np.ndarray:
+    """0, 1, ..., length[0] - 1, 0, 1, ..., length[1] - 1, ..."""
+    return np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
+
+
+@dataclass
+class Reach:
+    """The tracked items that the steps from boundary a read, check or carry (rows, in item order), and
+    what does not depend on the states' key: arrays are [items, steps]."""
+
+    key_rows: np.ndarray  # the row of each item in the key at a
+    need: np.ndarray  # need - freed by the step: what the freed sum must reach before it
+    kept: np.ndarray  # freed by the step - its freeing bytes: added to V - S
+    least: np.ndarray  # [items]
+    dropped: np.ndarray  # a replay whose option is not this step although it covers its first unit
+    checked: np.ndarray  # checked on this step
+    live_rows: np.ndarray  # [steps, W]: the rows of the items live after each step, padded with row 0
+    padded: np.ndarray  # [steps, W]
+    live_count: list[int]  # per step
+    steps: list[tuple[int, float, int, int]]  # per step: boundary after it, cost, freeing bytes, option
 
 
 def model_of(problem: Problem, arr: Arrays) -> Model | None:

@@ -43,7 +43,7 @@ import numpy as np
 from solvers import arrays
 from solvers.arrays import Arrays
 from solvers.base import Solution, Status
-from solvers.chain import BIG, KEEP, Model, model_of
+from solvers.chain import BIG, KEEP, Model, Reach, model_of
 from solvers.problem import Problem
 
 MAX_STATES = 512  # per key and boundary, before the front is thinned
@@ -152,7 +152,7 @@ def _run(
     pending[0][()] = [(root, root + 1, 0.0, 0, KEEP)]
     thinned = late = False
     groups: list[_Group] = []
-    relevant = model.relevant()
+    reaches = model.reaches()
     for a in range(n + 1):
         if not pending[a]:
             groups = []
@@ -165,7 +165,7 @@ def _run(
         pending[a] = {}
         if a < n:
             for group in groups:
-                _expand(model, a, group, relevant[a], pending)
+                _expand(a, group, reaches[a], model.steps[a][4], pending)
     return groups, states, thinned, late
 
 
@@ -237,50 +237,30 @@ def _thin(cost: np.ndarray, s: np.ndarray, keep: np.ndarray, max_states: int, to
     return keep[chosen]
 
 
-def _expand(model: Model, a: int, group: _Group, relevant: tuple, pending: list[dict]) -> None:
-    """Every step from boundary a applied to a group: checks as thresholds on S, tracked items carried."""
-    opt, end, cost, total, thr = model.steps[a]
-    items, freed, after = relevant
-    here = dict(zip(model.live[a], group.key))
-    lowest = thr.astype(np.float64)
-    kept = np.full((len(items), len(opt)), BIG, dtype=np.int64)  # K' = V - S after the step, BIG: no constraint
-    met_from = np.full((len(items), len(opt)), -np.inf)  # the S from which the item is met
-    if items:
-        ids = np.fromiter(items, dtype=np.int64, count=len(items))  # in row order
-        k = np.array([here.get(i, 0) for i in items], dtype=np.int64)  # not live here: initialised from S on this step
-        on = k < BIG
-        shift = k[:, None] + freed
-        # a replay: no constraint unless its option is the step covering its first unit
-        first, option = model.item_first[ids][:, None], model.item_option[ids][:, None]
-        dropped = (option != KEEP) & (a <= first) & (first <= end) & (opt != option)
-        dropped |= ~on[:, None]
-        needed = np.where(dropped, -np.inf, model.item_need[ids][:, None] - shift)
-        kept = np.where(dropped, BIG, shift - total)
-        # met for good: later steps hold no more than least there
-        met_from = np.where(on[:, None], needed - model.item_least[ids][:, None], -np.inf)
-        check = model.item_check[ids][:, None]
-        checked = (a <= check) & (check <= end) & on[:, None]
-        lowest = np.maximum(lowest, np.where(checked, needed, -np.inf).max(axis=0))
-    start = np.searchsorted(group.s, lowest, side="left")
-    met_at = np.searchsorted(group.s, met_from, side="left")  # first state for which each item is met
-    unmet = ((kept < BIG) & after & (met_at > start)).any(axis=0).tolist()
-    first, count = group.first, len(group.s)
-    steps = zip(start.tolist(), unmet, end.tolist(), cost.tolist(), total.tolist(), opt.tolist(), kept.T.tolist(), met_at.T.tolist())
-    for lo, split, b, c, tot, o, kept_t, met_t in steps:
-        if lo == count:
-            continue
-        if split:
-            _split(model, group, lo, items, kept_t, met_t, pending[b + 1], (c, tot, o), b)
-        else:
-            pending[b + 1].setdefault(model.free_keys[b + 1], []).append((first + lo, first + count, c, tot, o))
-
-
-def _split(model, group, start, row, kept, met_at, target: dict, step: tuple, b: int) -> None:
-    """States from `start` on after a step, cut where a tracked item becomes met; one key per piece."""
-    live = [(kept[row[i]], met_at[row[i]]) for i in model.live[b + 1]]
-    bounds = sorted({start, len(group.s)} | {max(met, start) for _, met in live})
-    for lo, hi in zip(bounds, bounds[1:]):
-        if lo == hi:
-            continue
-        key = tuple(BIG if k >= BIG or lo >= met else k for k, met in live)
-        target.setdefault(key, []).append((group.first + lo, group.first + hi, *step))
+def _expand(a: int, group: _Group, reach: Reach, thr: np.ndarray, pending: list[dict]) -> None:
+    """Every step from boundary a applied to a group: checks as thresholds on S, tracked items carried,
+    cut where a tracked item becomes met (one key per piece)."""
+    steps = np.arange(len(thr))[:, None]
+    lowest, kept, met_from = thr, np.full(reach.padded.shape, BIG), np.zeros(reach.padded.shape)
+    if len(reach.need):
+        k = np.zeros(len(reach.need), dtype=np.int64)  # V - S; items not live at a start from S on this step
+        k[reach.key_rows] = group.key
+        on = (k < BIG)[:, None]
+        dropped = reach.dropped | ~on
+        needed = np.where(dropped, -np.inf, reach.need - k[:, None])
+        lowest = np.maximum(thr, np.where(reach.checked & on, needed, -np.inf).max(axis=0))
+        live = reach.live_rows, steps
+        kept = np.where(dropped[live] | reach.padded, BIG, (reach.kept + k[:, None])[live])
+        rows = reach.live_rows
+        met_from = np.where(on[rows, 0], needed[live] - reach.least[rows], -np.inf)  # met for good
+    count = len(group.s)
+    start = np.searchsorted(group.s, lowest, side="left")[:, None]
+    met_at = np.clip(np.searchsorted(group.s, met_from, side="left"), start, count)  # first state meeting each item
+    bounds = np.sort(np.concatenate([start, met_at, np.full_like(start, count)], axis=1), axis=1)
+    lo, hi = bounds[:, :-1], bounds[:, 1:]
+    keys = np.where((kept[:, None, :] >= BIG) | (lo[:, :, None] >= met_at[:, None, :]), BIG, kept[:, None, :])
+    t, piece = np.nonzero(lo < hi)
+    first = group.first
+    for t, lo, hi, key in zip(t.tolist(), lo[t, piece].tolist(), hi[t, piece].tolist(), keys[t, piece].tolist()):
+        b, c, tot, o = reach.steps[t]
+        pending[b].setdefault(tuple(key[: reach.live_count[t]]), []).append((first + lo, first + hi, c, tot, o))
