@@ -249,9 +249,9 @@ def _expand(a: int, group: _Group, reach: Reach, thr: np.ndarray, pending: list[
         dropped = reach.dropped | ~on
         needed = np.where(dropped, -np.inf, reach.need - k[:, None])
         lowest = np.maximum(thr, np.where(reach.checked & on, needed, -np.inf).max(axis=0))
-        live = reach.live_rows, steps
-        kept = np.where(dropped[live] | reach.padded, BIG, (reach.kept + k[:, None])[live])
         rows = reach.live_rows
+        live = rows, steps
+        kept = np.where(dropped[live] | reach.padded, BIG, (reach.kept + k[:, None])[live])
         met_from = np.where(on[rows, 0], needed[live] - reach.least[rows], -np.inf)  # met for good
     count = len(group.s)
     start = np.searchsorted(group.s, lowest, side="left")[:, None]
@@ -259,8 +259,8 @@ def _expand(a: int, group: _Group, reach: Reach, thr: np.ndarray, pending: list[
     bounds = np.sort(np.concatenate([start, met_at, np.full_like(start, count)], axis=1), axis=1)
     lo, hi = bounds[:, :-1], bounds[:, 1:]
     keys = np.where((kept[:, None, :] >= BIG) | (lo[:, :, None] >= met_at[:, None, :]), BIG, kept[:, None, :])
-    t, piece = np.nonzero(lo < hi)
+    step, piece = np.nonzero(lo < hi)
     first = group.first
-    for t, lo, hi, key in zip(t.tolist(), lo[t, piece].tolist(), hi[t, piece].tolist(), keys[t, piece].tolist()):
+    for t, i, j, key in zip(step.tolist(), lo[step, piece].tolist(), hi[step, piece].tolist(), keys[step, piece].tolist()):
         b, c, tot, o = reach.steps[t]
-        pending[b].setdefault(tuple(key[: reach.live_count[t]]), []).append((first + lo, first + hi, c, tot, o))
+        pending[b].setdefault(tuple(key[: reach.live_count[t]]), []).append((first + i, first + j, c, tot, o))
