@@ -306,12 +306,14 @@ def _unit_shares(arr: Arrays, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     bytes it frees at no cost, and the hull's segments (unit, bytes, ms) in order of falling bytes per ms."""
     first, length = arr.option_first_unit, arr.option_last_unit - arr.option_first_unit + 1
     o = np.flatnonzero(arr.option_freeing > 0)
+    share_bytes, share_ms = arr.option_freeing[o] / length[o], arr.option_cost_ms[o] / length[o]
+    o = o[np.lexsort((-share_bytes, share_ms))]  # by ms, then by falling bytes; then by unit, stably
     span = length[o]
-    unit = np.repeat(first[o], span) + np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span)
-    nbytes = np.repeat(arr.option_freeing[o] / span, span)
-    ms = np.repeat(arr.option_cost_ms[o] / span, span)
-    order = np.lexsort((-nbytes, ms, unit))
-    unit, nbytes, ms = unit[order], nbytes[order], ms[order]
+    unit = np.repeat(first[o], span) + _ranks(span)
+    order = np.argsort(unit, kind="stable")
+    unit = unit[order]
+    nbytes = np.repeat(arr.option_freeing[o] / span, span)[order]
+    ms = np.repeat(arr.option_cost_ms[o] / span, span)[order]
     # only shares freeing more than every cheaper share of their unit can be on its hull
     lifted = unit * (float(nbytes.max(initial=0.0)) + 1.0) + nbytes
     best_before = np.concatenate([[-1.0], np.maximum.accumulate(lifted)[:-1]])
