@@ -202,15 +202,16 @@ def _pareto(cost: np.ndarray, s: np.ndarray, bands: int = 2048) -> np.ndarray:
     S; of equal states, one), in order of cost.
 
     Most states are beaten; those beaten by a state in a higher band of S go first, without sorting."""
-    candidates = np.arange(len(cost))
     if len(cost) > 2 * bands:
         low = s.min()
-        band = (s - low) * (bands - 1) // max(int(s.max() - low), 1)
+        band = (s - low) >> max(int(s.max() - low).bit_length() - bands.bit_length() + 1, 0)  # < bands
         least = np.full(bands + 1, np.inf)
         np.minimum.at(least, band, cost)
-        above = np.minimum.accumulate(least[::-1])[::-1][band + 1]  # least cost of a state with more S
+        above = np.minimum.accumulate(least[::-1])[::-1][1:][band]  # least cost of a state with more S
         candidates = np.flatnonzero(above > cost)
-    order = candidates[np.argsort(cost[candidates], kind="stable")]  # parts arrive sorted: runs for timsort
+        order = candidates[np.argsort(cost[candidates], kind="stable")]  # parts arrive sorted: runs for timsort
+    else:
+        order = np.argsort(cost, kind="stable")
     best = np.maximum.accumulate(s[order])
     front = order[np.concatenate([[True], s[order][1:] > best[:-1]])]  # S rising
     return front[np.concatenate([cost[front][1:] != cost[front][:-1], [True]])]  # of equal cost, the most S
