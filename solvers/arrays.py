@@ -207,13 +207,12 @@ class Cover:
         return cls(span, *tables)
 
     def at(self, options: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Bytes options[i] frees at x[i] (arrays of one shape)."""
-        base = np.asarray(options, dtype=np.int64) * self.span
-        x = np.clip(x, 0, self.span - 1)
-        first_lo = np.searchsorted(self.lo_keys, base, side="left")
-        first_hi = np.searchsorted(self.hi_keys, base, side="left")
-        upto = self.lo_cum[np.searchsorted(self.lo_keys, base + x, side="right")] - self.lo_cum[first_lo]
-        gone = self.hi_cum[np.searchsorted(self.hi_keys, base + x - 1, side="right")] - self.hi_cum[first_hi]
+        """Bytes options[i] frees at x[i] (arrays of one shape).
+
+        Both tables sum the same entries of the options before options[i] first, which cancel."""
+        key = np.asarray(options, dtype=np.int64) * self.span + np.clip(x, 0, self.span - 1)
+        upto = self.lo_cum[np.searchsorted(self.lo_keys, key, side="right")]
+        gone = self.hi_cum[np.searchsorted(self.hi_keys, key - 1, side="right")]
         return upto - gone
 
 

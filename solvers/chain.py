@@ -82,19 +82,19 @@ class Model:
         q_a, q_item = pair_a[q_pair], pair_item[q_pair]
         opt, end, cost, total, _ = (np.concatenate(column) for column in zip(*self.steps))
         q_opt, q_end = opt[q_step], end[q_step]
+        first, check, option = self.item_first[q_item], self.item_check[q_item], self.item_option[q_item]
+        dropped = (option != KEEP) & (q_a <= first) & (first <= q_end) & (q_opt != option)
+        checked = (q_a <= check) & (check <= q_end)
+        read = (checked | ((self.item_init[q_item] <= q_end) & (q_end < check))) & (q_opt != KEEP)  # or live after
         freed = np.zeros(len(q_step), dtype=np.int64)
         covers = {id(t.cover): t.cover for t in self.tracked}
         which = np.array([list(covers).index(id(t.cover)) for t in self.tracked], dtype=np.int64)
         x = np.array([t.x for t in self.tracked], dtype=np.int64)
         for c, cover in enumerate(covers.values()):
-            mine = (which[q_item] == c) & (q_opt != KEEP)
+            mine = read & (which[q_item] == c)
             freed[mine] = cover.at(q_opt[mine], x[q_item[mine]])
-        first, check = self.item_first[q_item], self.item_check[q_item]
-        option = self.item_option[q_item]
         need = self.item_need[q_item] - freed
         kept = freed - total[q_step]
-        dropped = (option != KEEP) & (q_a <= first) & (first <= q_end) & (q_opt != option)
-        checked = (q_a <= check) & (check <= q_end)
         # per step: the rows of the items live after it (at boundary end + 1), padded
         width = max(map(len, self.live))
         live = np.full((n + 1, width), -1)
