@@ -242,18 +242,18 @@ def _expand(a: int, group: _Group, reach: Reach, thr: np.ndarray, pending: list[
     """Every step from boundary a applied to a group: checks as thresholds on S, tracked items carried,
     cut where a tracked item becomes met (one key per piece)."""
     steps = np.arange(len(thr))[:, None]
-    lowest, kept, met_from = thr, np.full(reach.padded.shape, BIG), np.zeros(reach.padded.shape)
+    lowest, kept, met_from = thr, np.full(reach.padded.shape, BIG), np.zeros(reach.padded.shape, dtype=np.int64)
     if len(reach.need):
         k = np.zeros(len(reach.need), dtype=np.int64)  # V - S; items not live at a start from S on this step
         k[reach.key_rows] = group.key
         on = (k < BIG)[:, None]
         dropped = reach.dropped | ~on
-        needed = np.where(dropped, -np.inf, reach.need - k[:, None])
-        lowest = np.maximum(thr, np.where(reach.checked & on, needed, -np.inf).max(axis=0))
+        needed = np.where(dropped, -BIG, reach.need - k[:, None])  # bytes, like S: no conversions in the searches
+        lowest = np.maximum(thr, np.where(reach.checked & on, needed, -BIG).max(axis=0))
         rows = reach.live_rows
         live = rows, steps
         kept = np.where(dropped[live] | reach.padded, BIG, (reach.kept + k[:, None])[live])
-        met_from = np.where(on[rows, 0], needed[live] - reach.least[rows], -np.inf)  # met for good
+        met_from = np.where(on[rows, 0], needed[live] - reach.least[rows], -BIG)  # met for good
     count = len(group.s)
     start = np.searchsorted(group.s, lowest, side="left")[:, None]
     met_at = np.clip(np.searchsorted(group.s, met_from, side="left"), start, count)  # first state meeting each item
