@@ -158,7 +158,8 @@ def model_of(problem: Problem, arr: Arrays) -> Model | None:
     rows_cover, tick_cover = arrays.row_cover(arr), arrays.tick_cover(arr)
     # rows that the budget constrains
     row_need = arr.row_peak - problem.budget_bytes
-    rows = np.flatnonzero(row_need > arrays.freed_range(arr)[0])  # held bytes may push a row over too
+    held = arrays.freed_range(arr)[0]  # per row: bytes every option holding some there holds together
+    rows = np.flatnonzero(row_need > held)  # held bytes may push a row over too
     row_b, row_e = _bounds(arr, arr.entry_row_lo, arr.entry_row_hi, rows)
     if (row_b < 0).any():
         return None
@@ -192,7 +193,7 @@ def model_of(problem: Problem, arr: Arrays) -> Model | None:
     is_row = np.array([item.rows for item in tracked], dtype=bool)
     x = np.array([item.x for item in tracked], dtype=np.int64)
     if len(tracked):
-        least[is_row] = arrays.freed_range(arr)[0][x[is_row]]
+        least[is_row] = held[x[is_row]]
         least[~is_row] = arrays.least_at(arr, x[~is_row])
     cap = np.maximum(
         _cap(n, np.arange(n), np.array([step[4].max() for step in steps])),  # S above every later threshold

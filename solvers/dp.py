@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -174,7 +175,7 @@ def _front(children: dict, states: _States, model: Model, a: int, max_states: in
     are also dropped when a state with none dominates them. Thinned to max_states per key."""
     groups, cut = [], False
     for key, parts in children.items():
-        lo, hi, step_cost, step_s, step_option = np.array(parts).T
+        lo, hi, step_cost, step_s, step_option = np.fromiter(chain(*parts), float, 5 * len(parts)).reshape(-1, 5).T
         length = (hi - lo).astype(np.int64)
         part = np.repeat(np.arange(len(parts)), length)  # of each new state
         parent = np.arange(int(length.sum())) + np.repeat(lo.astype(np.int64) - (np.cumsum(length) - length), length)
@@ -257,7 +258,8 @@ def _expand(a: int, group: _Group, reach: Reach, thr: np.ndarray, pending: list[
     count = len(group.s)
     start = np.searchsorted(group.s, lowest, side="left")[:, None]
     met_at = np.clip(np.searchsorted(group.s, met_from, side="left"), start, count)  # first state meeting each item
-    bounds = np.sort(np.concatenate([start, met_at, np.full_like(start, count)], axis=1), axis=1)
+    cuts = np.sort(met_at, axis=1) if met_at.shape[1] > 1 else met_at  # within start..count already
+    bounds = np.concatenate([start, cuts, np.full_like(start, count)], axis=1)
     lo, hi = bounds[:, :-1], bounds[:, 1:]
     keys = np.where((kept[:, None, :] >= BIG) | (lo[:, :, None] >= met_at[:, None, :]), BIG, kept[:, None, :])
     step, piece = np.nonzero(lo < hi)
