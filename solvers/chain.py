@@ -319,28 +319,29 @@ def _unit_shares(arr: Arrays, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     lifted = unit * (float(nbytes.max(initial=0.0)) + 1.0) + nbytes
     best_before = np.concatenate([[-1.0], np.maximum.accumulate(lifted)[:-1]])
     useful = (lifted > best_before) | (ms <= 0.0)
-    unit, nbytes, ms = unit[useful], nbytes[useful].tolist(), ms[useful].tolist()
-    starts = np.searchsorted(unit, np.arange(n + 1)).tolist()
+    unit, nbytes, ms = unit[useful], nbytes[useful], ms[useful]
+    zero = ms <= 0.0
     free = np.zeros(n)
-    segments: list[tuple[int, float, float]] = []
-    for u in range(n):
-        hull = [(0.0, 0.0)]
-        for c, b in zip(ms[starts[u] : starts[u + 1]], nbytes[starts[u] : starts[u + 1]]):
-            if c <= 0.0:
-                hull[0] = (0.0, max(hull[0][1], b))
-                continue
-            if b <= hull[-1][1]:
-                continue
-            while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (c - hull[-2][0]) <= (b - hull[-2][1]) * (
-                hull[-1][0] - hull[-2][0]
-            ):
-                hull.pop()
-            hull.append((c, b))
-        free[u] = hull[0][1]
-        segments += [(u, b2 - b1, c2 - c1) for (c1, b1), (c2, b2) in zip(hull, hull[1:])]
-    seg = np.array(segments, dtype=np.float64).reshape(-1, 3)
-    order = np.argsort(-(seg[:, 1] / seg[:, 2]), kind="stable")
-    return free, seg[order, 0].astype(np.int64), seg[order, 1], seg[order, 2]
+    np.maximum.at(free, unit[zero], nbytes[zero])
+    # per unit, its free point (0, free) and its shares of some cost: bytes rise with ms
+    heads = np.unique(unit[~zero])
+    order = np.argsort(np.concatenate([heads, unit[~zero]]), kind="stable")
+    unit = np.concatenate([heads, unit[~zero]])[order]
+    nbytes = np.concatenate([free[heads], nbytes[~zero]])[order]
+    ms = np.concatenate([np.zeros(len(heads)), ms[~zero]])[order]
+    while True:  # drop every point on or below the chord of its neighbours until the hull is left
+        inner = (unit[1:-1] == unit[:-2]) & (unit[1:-1] == unit[2:])
+        below = inner & (
+            (nbytes[1:-1] - nbytes[:-2]) * (ms[2:] - ms[:-2]) <= (nbytes[2:] - nbytes[:-2]) * (ms[1:-1] - ms[:-2])
+        )
+        if not below.any():
+            break
+        keep = np.concatenate([[True], ~below, [True]])
+        unit, nbytes, ms = unit[keep], nbytes[keep], ms[keep]
+    same = unit[1:] == unit[:-1]
+    segments = (unit[1:][same], np.diff(nbytes)[same], np.diff(ms)[same])
+    order = np.argsort(-(segments[1] / segments[2]), kind="stable")
+    return free, *(column[order] for column in segments)
 
 
 @dataclass
