@@ -39,20 +39,18 @@ class Item:
 
 @dataclass
 class Model:
-    """Everything the scan needs; `free_keys[a]` is the key of states at boundary a with no unmet item."""
+    """Everything the scan needs."""
 
     n_units: int
     steps: list[tuple[np.ndarray, ...]]  # per unit a: option (KEEP first), last unit, cost, total, threshold
     tracked: list[Item]
     live: list[list[int]]  # per boundary: the tracked items in V, in key order
-    checked_at: list[list[int]]  # per unit: tracked items checked on the step covering it
     cap: np.ndarray  # per boundary: the most S any later check can use
     option_first: np.ndarray
     row_cap: np.ndarray  # per boundary: the most bytes a row checked later needs freed (S must reach it)
     bound: LowerBound
 
     def __post_init__(self) -> None:
-        self.free_keys = [(BIG,) * len(items) for items in self.live]
         # per tracked item, as arrays: need, least, check unit, option (KEEP for rows), its first unit
         self.item_need = np.array([t.need for t in self.tracked], dtype=np.int64)
         self.item_least = np.array([t.least for t in self.tracked], dtype=np.int64)
@@ -110,22 +108,23 @@ class Model:
         steps = list(zip((end + 1).tolist(), cost.tolist(), total.tolist(), opt.tolist()))
         out, q = [], 0
         for a in range(n):
-            k, t, t_end = int(per_a[a]), int(step_first[a]), int(step_first[a] + count[a])
-            shape, w = (k, int(count[a])), int(live_count[t:t_end].max())
-            ids = pair_item[pair_first[a] : pair_first[a] + k]
+            ids = pair_item[pair_first[a] : pair_first[a] + per_a[a]]
+            t = slice(step_first[a], step_first[a] + count[a])
+            shape, w = (len(ids), int(count[a])), int(live_count[t].max())
+            block = slice(q, q + shape[0] * shape[1])
+            q = block.stop
             out.append(Reach(
                 key_rows=np.searchsorted(ids, self.live[a]),
-                need=need[q : q + k * shape[1]].reshape(shape),
-                kept=kept[q : q + k * shape[1]].reshape(shape),
+                need=need[block].reshape(shape),
+                kept=kept[block].reshape(shape),
                 least=self.item_least[ids],
-                dropped=dropped[q : q + k * shape[1]].reshape(shape),
-                checked=checked[q : q + k * shape[1]].reshape(shape),
-                live_rows=rows[t:t_end, :w],
-                padded=padded[t:t_end, :w],
-                live_count=live_count[t:t_end].tolist(),
-                steps=steps[t:t_end],
+                dropped=dropped[block].reshape(shape),
+                checked=checked[block].reshape(shape),
+                live_rows=rows[t, :w],
+                padded=padded[t, :w],
+                live_count=live_count[t].tolist(),
+                steps=steps[t],
             ))
-            q += k * shape[1]
         return out
 
 
@@ -187,7 +186,7 @@ def model_of(problem: Problem, arr: Arrays) -> Model | None:
         Item(int(replay_need[o]), int(t), int(i), int(c), int(o), tick_cover, rows=False)
         for o, t, i, c in zip(reps[~rreg], ticks[~rreg], rep_init[~rreg], rep_check[~rreg])
     ]
-    live, inside = _live(n, tracked)
+    live = _live(n, tracked)
     steps = _steps(n, arr, thr, keep_thr)
     least = np.zeros(len(tracked), dtype=np.int64)  # held bytes of every option holding some where counted
     is_row = np.array([item.rows for item in tracked], dtype=bool)
@@ -202,7 +201,7 @@ def model_of(problem: Problem, arr: Arrays) -> Model | None:
     for item, low in zip(tracked, least):
         item.least = int(low)
     row_cap = _cap(n, row_b, row_need[rows]).astype(np.float64)
-    return Model(n, steps, tracked, live, inside, cap, first, row_cap, LowerBound.of(arr, n))
+    return Model(n, steps, tracked, live, cap, first, row_cap, LowerBound.of(arr, n))
 
 
 def _bounds(arr: Arrays, lo: np.ndarray, hi: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -260,18 +259,16 @@ def _row_thresholds(thr, arr, cover, rows, need, check, first, last) -> None:
     hi = np.searchsorted(check, last, side="right")
     count = np.maximum(hi - lo, 0)
     pair_opt = np.repeat(np.arange(arr.n_options), count)
-    pair_item = np.repeat(lo, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    pair_item = np.repeat(lo, count) + _ranks(count)
     np.maximum.at(thr, pair_opt, need[pair_item] - cover.at(pair_opt, rows[pair_item]))
 
 
-def _live(n: int, tracked: list[Item]) -> tuple[list[list[int]], list[list[int]]]:
+def _live(n: int, tracked: list[Item]) -> list[list[int]]:
     live: list[list[int]] = [[] for _ in range(n + 1)]
-    inside: list[list[int]] = [[] for _ in range(n)]
     for i, item in enumerate(tracked):
         for a in range(item.init + 1, item.check + 1):
             live[a].append(i)
-        inside[item.check].append(i)
-    return live, inside
+    return live
 
 
 def _cap(n: int, check: np.ndarray, need: np.ndarray) -> np.ndarray:
