@@ -83,7 +83,8 @@ class Model:
         first, check, option = self.item_first[q_item], self.item_check[q_item], self.item_option[q_item]
         dropped = (option != KEEP) & (q_a <= first) & (first <= q_end) & (q_opt != option)
         checked = (q_a <= check) & (check <= q_end)
-        read = (checked | ((self.item_init[q_item] <= q_end) & (q_end < check))) & (q_opt != KEEP)  # or live after
+        carried = (self.item_init[q_item] <= q_end) & (q_end < check)  # live after the step
+        read = (checked | carried) & (q_opt != KEEP)  # where the step's freed bytes are needed
         freed = np.zeros(len(q_step), dtype=np.int64)
         covers = {id(t.cover): t.cover for t in self.tracked}
         which = np.array([list(covers).index(id(t.cover)) for t in self.tracked], dtype=np.int64)
