@@ -257,7 +257,7 @@ def _expand(a: int, group: _Group, reach: Reach, thr: np.ndarray, pending: list[
         met_from = np.where(on[rows, 0], needed[live] - reach.least[rows], -BIG)  # met for good
     count = len(group.s)
     start = np.searchsorted(group.s, lowest, side="left")[:, None]
-    met_at = np.clip(np.searchsorted(group.s, met_from, side="left"), start, count)  # first state meeting each item
+    met_at = np.minimum(np.maximum(np.searchsorted(group.s, met_from, side="left"), start), count)  # first state meeting each item
     cuts = np.sort(met_at, axis=1) if met_at.shape[1] > 1 else met_at  # within start..count already
     bounds = np.concatenate([start, cuts, np.full_like(start, count)], axis=1)
     lo, hi = bounds[:, :-1], bounds[:, 1:]
