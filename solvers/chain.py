@@ -305,9 +305,8 @@ def _unit_shares(arr: Arrays, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     bytes it frees at no cost, and the hull's segments (unit, bytes, ms) in order of falling bytes per ms."""
     first, length = arr.option_first_unit, arr.option_last_unit - arr.option_first_unit + 1
     o = np.flatnonzero(arr.option_freeing > 0)
-    share_bytes, share_ms = arr.option_freeing[o] / length[o], arr.option_cost_ms[o] / length[o]
-    o = o[np.lexsort((-share_bytes, share_ms))]  # by ms, then by falling bytes; then by unit, stably
-    span = length[o]
+    o = o[np.lexsort((-arr.option_freeing[o] / length[o], arr.option_cost_ms[o] / length[o]))]  # by share
+    span = length[o]  # shares by ms, then by falling bytes; below, by unit (stably)
     unit = np.repeat(first[o], span) + _ranks(span)
     order = np.argsort(unit, kind="stable")
     unit = unit[order]
