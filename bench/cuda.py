@@ -75,8 +75,9 @@ def scenario_report(name: str, variant: str, device: str, steps: int, time_limit
     budgets = ((int(0.8 * unplanned), "80%"), (tight, label), (int(tight * 1.1), f"{label} + 10%"))
     planned = [(what, planner.plan(graph, b, time_limit_s=time_limit_s)) for b, what in budgets if smallest <= b < unplanned]
     plans = [*planned, ("offload every unit", offload_all(graph))]
-    bare = replace(roofline_for(graph), mechanism=None)  # what the plans would cost without the executor's own work
-    report["mechanism"] = asdict(roofline_for(graph).mechanism)
+    rates = roofline_for(graph)
+    bare = replace(rates, mechanism=None)  # what the plans would cost without the executor's own work
+    report["mechanism"] = asdict(rates.mechanism)
     for what, plan in plans:
         base, under = run_under_plan(w, plan, steps)
         report["plans"].append(

@@ -131,13 +131,13 @@ class _Recorder(StorageTracker):
     def _sum_backward(self) -> None:
         """Backward times by unit. The first call of an operator on inputs of some shapes may load or
         tune its kernels (lazily, on CUDA); where the same call comes again, it takes their median."""
-        later: dict[Any, list[float]] = {}
-        for _, signature, ms in self.backward_ops[::-1]:
-            later.setdefault(signature, []).append(ms)
+        calls: dict[Any, list[float]] = {}
+        for _, signature, ms in self.backward_ops:
+            calls.setdefault(signature, []).append(ms)
         seen = set()
         for unit, signature, ms in self.backward_ops:
-            if signature not in seen and len(later[signature]) > 1:
-                ms = min(ms, statistics.median(later[signature][:-1]))
+            if signature not in seen and len(calls[signature]) > 1:
+                ms = min(ms, statistics.median(calls[signature][1:]))
             seen.add(signature)
             self.backward_ms += ms
             if unit is None:
