@@ -123,6 +123,7 @@ class Semantics:
             and b.savers | self._readers.get(index, set()) <= units
             and b.free is not None
             and b.op not in save_ops
+            and not b.in_state
         )
 
     def effect(self, choice: Choice) -> Effect | None:
@@ -130,13 +131,14 @@ class Semantics:
 
         A region cannot start with a unit that writes into its inputs (replaying
         it would write again), nor keep saved an output that is later written,
-        nor hold a unit whose random numbers a replay cannot draw again.
+        nor hold a unit whose random numbers a replay cannot draw again, or that stores tensors
+        into an object it was given (a replay would store them again).
         """
         units = set(choice.units)
         first = self.graph.units[choice.units[0]]
         if first.mutates_inputs or any(b.mutated and b.op in choice.save_ops for b in self._made_by(units)):
             return None
-        if choice.action is Action.RECOMPUTE and not all(self.graph.units[u].replayable for u in units):
+        if choice.action is Action.RECOMPUTE and not all(self.graph.units[u].replays_alike for u in units):
             return None
         starts = [self.graph.units[u].bwd_start for u in units if self.graph.units[u].bwd_start is not None]
         if not starts:

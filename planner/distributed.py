@@ -318,6 +318,36 @@ def measure_rank(wrapped: Wrapped, batch: Any, loss_fn=None, optimizer=None, **k
     return m if m.reserved_bytes is not None else replace(m, peak_bytes=m.peak_bytes + wrapped.held_bytes)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def agreed_units(names: list[str]) -> list[str]:
+    """Rank 0's unit names on every rank (collective under torch.distributed; `names` otherwise)."""
+    if not _distributed():
+        return names
+    box = [names]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def worst_peak(peak_bytes: int) -> int:
+    """The highest of the ranks' peaks (collective under torch.distributed; `peak_bytes` otherwise)."""
+    if not _distributed():
+        return peak_bytes
+    peaks: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(peaks, peak_bytes)
+    return max(peaks)
+
+
+def agreed_plan(graph: ProfiledGraph, budget: int | float | str, **solve: Any):
+    """`planner.plan(graph, budget, **solve)`, one plan for every rank under torch.distributed
+    (`plan_ranks`)."""
+    from planner.planning import plan
+
+    return plan_ranks(graph, budget, **solve) if _distributed() else plan(graph, budget, **solve)
+
+
 def plan_ranks(graph: ProfiledGraph, budget: int | float | str, **solve: Any):
     """One plan for every rank (collective): the rank with the highest unplanned peak solves for
     `budget` (per rank) with `planner.plan(graph, budget, **solve)`, and the others take its plan.

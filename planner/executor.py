@@ -93,6 +93,7 @@ class Handle:
                 self.actions[(name, int(call))] = (choice, position)
         self.names = sorted({key.rsplit("#", 1)[0] for key in plan.units})
         self.calls: dict[str, int] = {}
+        self.forwards = 0  # forwards with gradients so far: a step has plan.forwards of them
         self.depth = 0
         self.region: _Region | None = None
         self.offload = _Offloader()
@@ -123,15 +124,19 @@ class Handle:
         self.remove()
 
     def _begin(self, module, args) -> None:
-        self.calls = dict.fromkeys(self.names, 0)
-        self.seen = set()
+        if not torch.is_grad_enabled():
+            return
+        if self.forwards % self.plan.forwards == 0:  # a new step: unit calls count from 0
+            self.calls = dict.fromkeys(self.names, 0)
+            self.seen = set()
+        self.forwards += 1
         self.offload.start()
 
     def _end(self, module, args, output) -> None:
         if self.region is not None:
             self._close_region()
             raise PlanMismatch(f"a recompute region of the plan did not run to its end: {self.plan.units[self.region.choice.units[-1]]}")
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.forwards % self.plan.forwards == 0:
             missing = sorted(f"{n}#{c}" for n, c in self.actions.keys() - self.seen)
             if missing:
                 raise PlanMismatch(f"the plan names unit calls that did not run in this forward: {', '.join(missing[:8])}")

@@ -80,7 +80,8 @@ class Unit:
     fwd_end: int  # tick
     bwd_start: int | None  # tick at which backward first used a tensor it saved
     ops: tuple[Op, ...] = ()
-    direct_from: int | None = None  # the unit whose outputs are exactly this unit's tensor inputs
+    direct_from: int | None = None  # the last unit before it, when it made some of this unit's tensor inputs
+    side_from: int = -1  # the latest other unit that made some of them: a region spanning the link starts after it
     mutates_inputs: bool = False  # writes in place into a tensor it did not make
     grad_tick: int | None = None  # tick at which backward reached its outputs
     bwd_end: int | None = None  # tick of its last backward operator
@@ -88,6 +89,12 @@ class Unit:
     inputs: tuple[int, ...] = ()  # blocks of its tensor inputs that the step made
     buffer_bytes: int = 0  # its module's buffers, which a replay copies and puts back (updated once)
     replayable: bool = True  # False when its forward draws random numbers that a replay cannot draw again
+    writes_state: bool = False  # stores tensors into an object it was given (a key/value cache): a replay would again
+
+    @property
+    def replays_alike(self) -> bool:
+        """Whether running its forward again in backward does what the first run did."""
+        return self.replayable and not self.writes_state
 
     @property
     def key(self) -> str:
@@ -115,6 +122,7 @@ class Block:
     op: str = ""  # the operator that allocated it
     mutated: bool = False  # written in place after it was made
     unit_output: bool = False  # returned by the unit that made it
+    in_state: bool = False  # stored into an object a unit was given (a key/value cache): no plan frees it
 
 
 @dataclass(frozen=True)
@@ -169,10 +177,11 @@ class ProfiledGraph:
     measured_times: bool
     first_step_extra_bytes: int = 0  # optimizer state the first step allocates
     meta: dict = field(default_factory=dict)
+    forwards: int = 1  # forwards of the model with gradients in one step (micro-batches)
 
     @property
     def end_tick(self) -> int:
-        return self.phases[Phase.OPTIMIZER][1]
+        return max(last for _, last in self.phases.values())
 
     def dag(self) -> nx.DiGraph:
         """The units as a networkx DAG, edges by tensor identity."""
@@ -187,8 +196,9 @@ class ProfiledGraph:
         return {(u, v) for u, v in g.edges if g.out_degree(u) == 1 and g.in_degree(v) == 1}
 
     def segment_links(self) -> set[tuple[int, int]]:
-        """Chain links u->u+1 where u+1's inputs are u's outputs themselves: a recompute region may span them."""
-        return {(u, v) for u, v in self.chain_links() if v == u + 1 and self.units[v].direct_from == u}
+        """Links u->u+1 where u+1 takes u's outputs themselves: a recompute region may span them when it
+        starts after u+1's `side_from` (its other inputs are then held from before the region)."""
+        return {(u.direct_from, u.index) for u in self.units if u.direct_from == u.index - 1}
 
     def is_chain(self) -> bool:
         """True when the units form one path with pure chain links."""

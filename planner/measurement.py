@@ -1,8 +1,12 @@
 """Measure the real peak memory and time of a training step.
 
 On CPU, live tensor storages are tracked during the step (what existed
-before it, such as parameters and optimizer state, is added separately); on
-CUDA the caching allocator's own statistics give the allocated and reserved
+before it, such as parameters and optimizer state, is added separately), and
+on Linux the process's high-water mark is read too, which also sees memory
+allocated outside PyTorch's dispatcher (NumPy buffers, library scratch): it
+follows freed tensors only where the process was started with
+MALLOC_MMAP_THRESHOLD_ set low (65536), so that they go back to the system.
+On CUDA the caching allocator's own statistics give the allocated and reserved
 peaks. One warm-up step first, so that lazily created optimizer state exists
 and the measured step is a steady-state one. The model, optimizer and random
 number generators are restored afterwards.
@@ -10,15 +14,18 @@ number generators are restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from planner.profiler import fixed_groups, fixed_bytes, preserved
-from planner.step import Batch, LossFn, device_of, timed_ms, train_step
+from planner.step import LossFn, StepFn, TrainingStep, timed_ms
 from planner.tracking import StorageTracker
 
 
@@ -31,48 +38,78 @@ class Measurement:
     reserved_bytes: int | None  # CUDA only: max_memory_reserved
     step_ms: float
     steps: int
+    process_peak_bytes: int | None = None  # CPU on Linux: the fixed bytes + the rise of the process's high-water mark
 
 
 def measure(
     model: nn.Module,
-    example_batch: Any,
+    example_batch: Any = None,
     loss_fn: LossFn | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     *,
+    step: StepFn | None = None,
     autocast_dtype: torch.dtype | None = None,
     steps: int = 3,
     warmup: int = 1,
 ) -> Measurement:
-    """Warm up, time `steps` steps (median), then measure the peak of one more step."""
-    batch = Batch.of(example_batch)
-    device = device_of(model, batch)
+    """Warm up, time `steps` steps (median; 0 ms for none), then measure the peak of one more step.
 
-    def step() -> None:
-        train_step(model, batch, loss_fn, optimizer, autocast_dtype)
-
+    `step` is a training step of your own instead of the built-in one (see `planner.profile`). On
+    CUDA the allocator's cache is emptied before the measured step, so that its reserved peak is
+    this step's own.
+    """
+    train = TrainingStep.of(model, example_batch, loss_fn, optimizer, autocast_dtype, step)
+    device = train.device
     with preserved(model, optimizer):
         for _ in range(warmup):
-            step()
-        times = [timed_ms(step, device) for _ in range(steps)]
+            train()
+        times = [timed_ms(train, device) for _ in range(steps)]
         if device.type == "cuda":
-            peak, reserved = _cuda_peak(step, device)
+            peak, reserved = _cuda_peak(train, device)
+            process = None
         else:
-            peak, reserved = _tracked_peak(step, model, batch, optimizer, device), None
-    return Measurement(str(device), peak, reserved, statistics.median(times), steps)
+            (peak, process), reserved = _tracked_peak(train, device), None
+    return Measurement(str(device), peak, reserved, statistics.median(times) if times else 0.0, steps, process)
 
 
-def _tracked_peak(step, model: nn.Module, batch: Batch, optimizer, device: torch.device) -> int:
-    groups = fixed_groups(model, batch, optimizer)
+def _tracked_peak(train: TrainingStep, device: torch.device) -> tuple[int, int | None]:
+    """(fixed + the live storages' peak, fixed + the rise of the process's high-water mark)."""
+    groups = fixed_groups(train.model, train.batch, train.optimizer)
+    fixed = sum(fixed_bytes(groups, device).values())
     tracker = StorageTracker(device, [t for ts in groups.values() for t in ts])
-    with tracker:
-        step()
+    with high_water_mark() as rise, tracker:
+        train()
     tracker.stop_tracking()
-    return sum(fixed_bytes(groups, device).values()) + tracker.peak_bytes
+    return fixed + tracker.peak_bytes, None if rise() is None else fixed + rise()
 
 
-def _cuda_peak(step, device: torch.device) -> tuple[int, int]:
+@contextlib.contextmanager
+def high_water_mark() -> Iterator[Callable[[], int | None]]:
+    """Yields a function that gives, once the block is over, how far the process's resident memory
+    rose above where it was at the start (bytes; None where /proc cannot tell)."""
+    status = Path("/proc/self/status")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from now
+        start = _status_kib(status, "VmRSS")
+    except OSError:
+        start = None
+    result: list[int | None] = [None]
+    yield lambda: result[0]
+    if start is not None:
+        result[0] = max(0, _status_kib(status, "VmHWM") - start) * 1024
+
+
+def _status_kib(status: Path, field: str) -> int:
+    for line in status.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{status} has no {field}")
+
+
+def _cuda_peak(train: TrainingStep, device: torch.device) -> tuple[int, int]:
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    step()
+    train()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)

@@ -9,6 +9,7 @@ predicted peak and overhead.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from solvers.base import Status
 from solvers.ilp import min_peak
 from solvers.plan import Plan
 from solvers.problem import Problem
+
+log = logging.getLogger(__name__)
 
 
 class InfeasibleBudget(ValueError):
@@ -58,16 +61,27 @@ def plan(
     solver: str = "auto",
     roofline: Roofline | None = None,
     time_limit_s: float = 10.0,
+    *,
+    offload: bool | None = None,
+    margin_bytes: int = 0,
 ) -> Plan:
-    """The least-overhead plan whose peak fits `budget`; raises InfeasibleBudget when none does."""
+    """The least-overhead plan whose peak fits `budget`; raises InfeasibleBudget when none does.
+
+    `offload` allows offloading to host memory; by default it is allowed unless the step ran on a
+    CPU, whose host memory is the device's (an offload there frees nothing; allow it to test the
+    mechanics). `margin_bytes` are kept free under the budget (what a measured step showed beyond
+    the prediction).
+    """
     roofline = roofline or roofline_for(graph)
     unplanned = simulate(graph, roofline=roofline).peak_bytes
     budget_bytes = parse_budget(budget, unplanned)
-    problem = build_problem(graph, budget_bytes, roofline)
+    if offload is None:
+        offload = not graph.device.startswith("cpu")
+    problem = build_problem(graph, budget_bytes - margin_bytes, roofline, offload=offload)
     name = auto_solver(problem) if solver == "auto" else solver
     solution = get_solver(name)(problem, time_limit_s)
     if solution.status is Status.INFEASIBLE:
-        raise _infeasible(problem, name, time_limit_s)
+        raise _infeasible(graph, problem, name, time_limit_s, margin_bytes)
     choices = tuple(problem.options[o].choice for o in solution.chosen)
     sim = simulate(graph, choices, roofline)
     assert sim.peak_bytes == problem.peak_bytes(solution.chosen), "the problem and the simulator disagree"
@@ -85,23 +99,40 @@ def plan(
         predicted_overhead_ms=sim.extra_ms,
         step_ms=graph.step_ms,
         unplanned_peak_bytes=unplanned,
+        forwards=graph.forwards,
+        margin_bytes=margin_bytes,
     )
 
 
-def _infeasible(problem: Problem, solver: str, time_limit_s: float) -> InfeasibleBudget:
+def _infeasible(graph: ProfiledGraph, problem: Problem, solver: str, time_limit_s: float, margin_bytes: int) -> InfeasibleBudget:
     smallest, _ = min_peak(problem, time_limit_s)
-    budget = format_bytes(problem.budget_bytes)
-    if smallest > problem.budget_bytes:
+    smallest += margin_bytes
+    budget = format_bytes(problem.budget_bytes + margin_bytes)
+    if smallest > problem.budget_bytes + margin_bytes:
+        kept = f", {format_bytes(margin_bytes)} of it kept free for what the measured step showed" if margin_bytes else ""
         return InfeasibleBudget(
-            f"no plan fits a budget of {budget}: the smallest peak any plan reaches is {format_bytes(smallest)} "
+            f"no plan fits a budget of {budget}{kept}: the smallest peak any plan reaches is {format_bytes(smallest)} "
             f"(unplanned: {format_bytes(problem.unplanned_peak_bytes)}); give a budget of at least "
-            f"{smallest} bytes ({format_bytes(smallest)})",
+            f"{smallest} bytes ({format_bytes(smallest)}){_stateful(graph)}",
             smallest,
         )
     return InfeasibleBudget(
         f"solver '{solver}' found no plan under {budget}, though the ilp solver can reach {format_bytes(smallest)}; "
         "use --solver ilp",
         smallest,
+    )
+
+
+def _stateful(graph: ProfiledGraph) -> str:
+    """A note on units no plan recomputes because they store tensors into an object they are given."""
+    units = [u.key for u in graph.units if u.writes_state]
+    if not units:
+        return ""
+    shown = ", ".join(units[:3]) + (f" and {len(units) - 3} more" if len(units) > 3 else "")
+    return (
+        f". {shown} store tensors into an object passed to them (a key/value cache): a replay would store them "
+        "again, so no plan recomputes them. For a Hugging Face model, set model.config.use_cache = False (or pass "
+        "use_cache=False), as its own gradient checkpointing does, and plan again"
     )
 
 
@@ -124,23 +155,72 @@ def load_plan(path: str | Path) -> Plan:
     return Plan.from_dict(data, source=path.name)
 
 
+class BudgetExceeded(ValueError):
+    """The measured planned step stayed over the budget after planning again."""
+
+
+MAX_REPLANS = 2  # plans made again when the checked step is over the budget
+
+
 def auto(
     model,
-    example_batch,
-    budget: int | float | str,
+    example_batch=None,
+    budget: int | float | str | None = None,
     loss_fn=None,
     optimizer=None,
     *,
+    step=None,
     solver: str = "auto",
     units=None,
     autocast_dtype=None,
+    offload: bool | None = None,
+    check: bool = True,
+    time_limit_s: float = 10.0,
 ):
     """Profile, plan and apply in one call; returns the handle (its `.plan` says what was chosen).
 
         handle = planner.auto(model, batch, "60%", loss_fn=loss_fn, optimizer=opt)
-    """
-    from planner.executor import apply
-    from planner.profiler import profile
+        handle = planner.auto(model, budget="6GiB", step=my_step, optimizer=opt)   # a step of your own
 
-    graph = profile(model, example_batch, loss_fn, optimizer, units=units, autocast_dtype=autocast_dtype)
-    return apply(model, plan(graph, budget, solver=solver))
+    With `check` (the default), one planned step is measured before returning (the model, the
+    optimizer and the random number generators are left as they were): its peak (live storages on a
+    CPU, what the allocator reserves on CUDA) is compared with the budget, and where it is over, the
+    plan is made again with the excess kept free (a warning says so), up to MAX_REPLANS times;
+    then BudgetExceeded. `handle.measured` is the last measurement. Under torch.distributed every
+    rank calls it: one rank chooses the units and solves, and every rank applies the same plan.
+    """
+    from planner.distributed import agreed_plan, agreed_units, worst_peak
+    from planner.executor import apply
+    from planner.measurement import measure
+    from planner.profiler import profile, unit_names
+
+    if budget is None:
+        raise ValueError("give a budget: bytes, a size like 6GiB or a share of the unplanned peak like 60%")
+    step_args = {"loss_fn": loss_fn, "optimizer": optimizer, "step": step, "autocast_dtype": autocast_dtype}
+    names = agreed_units(unit_names(model, example_batch, units=units, **step_args))
+    graph = profile(model, example_batch, units=names, **step_args)
+    solve = {"solver": solver, "time_limit_s": time_limit_s, "offload": offload}
+    chosen = agreed_plan(graph, budget, **solve)
+    for attempt in range(MAX_REPLANS + 1):
+        handle = apply(model, chosen)
+        if not check:
+            return handle
+        warmup = int(optimizer is not None and not optimizer.state)  # the checked step is a steady one
+        handle.measured = measure(model, example_batch, steps=0, warmup=warmup, **step_args)
+        peak = worst_peak(max(handle.measured.peak_bytes, handle.measured.reserved_bytes or 0))
+        if peak <= chosen.budget_bytes:
+            return handle
+        handle.remove()
+        excess = peak - chosen.predicted_peak_bytes
+        if attempt == MAX_REPLANS:
+            break
+        log.warning(
+            "the planned step measured %s, over the budget of %s (predicted %s); planning again with %s kept free",
+            format_bytes(peak), format_bytes(chosen.budget_bytes), format_bytes(chosen.predicted_peak_bytes),
+            format_bytes(chosen.margin_bytes + excess),
+        )
+        chosen = agreed_plan(graph, budget, margin_bytes=chosen.margin_bytes + excess, **solve)
+    raise BudgetExceeded(
+        f"the planned step measured {format_bytes(peak)}, over the budget of {format_bytes(chosen.budget_bytes)}, "
+        f"after planning {MAX_REPLANS} more times; give a smaller budget"
+    )

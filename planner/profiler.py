@@ -33,8 +33,18 @@ from torch.utils._pytree import tree_map_only
 from planner import costmodel
 from planner.executor import host_copy_bytes_per_s
 from planner.graph import Block, Category, FixedMemory, Op, Phase, ProfiledGraph, Unit
-from planner.step import Batch, LossFn, device_of, train_step
-from planner.tracking import StorageTracker, allocated_bytes, storage_bytes, storage_key, storage_of, tensors_in
+from planner.step import Batch, LossFn, StepFn, TrainingStep, optimizer_hooks
+from planner.survey import survey_units
+from planner.tracking import (
+    StorageTracker,
+    allocated_bytes,
+    public_state,
+    storage_bytes,
+    storage_key,
+    storage_of,
+    tensors_held,
+    tensors_in,
+)
 from planner.units import UnitSpec, buffers_of, fingerprint, select_units
 
 OUTSIDE = -1  # saver index for code outside every unit
@@ -53,6 +63,7 @@ class _Block:
     op: str = ""
     mutated: bool = False  # written in place after it was made
     unit_output: bool = False  # returned by the unit that made it
+    in_state: bool = False  # stored by a unit into an object it was given (a key/value cache)
 
 
 @dataclass
@@ -83,12 +94,15 @@ class _Unit:
     preds: set[int] = field(default_factory=set)
     ops: list[_Op] = field(default_factory=list)
     direct_from: int | None = None
+    side_from: int = -1
     mutates_inputs: bool = False
     grad_tick: int | None = None
     bwd_end: int | None = None
     inputs: list[_Block] = field(default_factory=list)  # blocks of its tensor inputs made in this step
     buffer_bytes: int = 0
     replayable: bool = True
+    writes_state: bool = False
+    state: tuple[list, set[int]] = ((), set())  # during the call: objects it was given, storages they held
 
 
 class _Recorder(StorageTracker):
@@ -99,7 +113,10 @@ class _Recorder(StorageTracker):
         self.estimated_times = estimated_times  # times from FLOPs and bytes, not the clock
         self.watch_scratch = self.watch_scratch and not estimated_times
         self.phase = Phase.FORWARD
-        self.phase_ticks: dict[Phase, list[int]] = {}
+        self.spans: list[list] = [[Phase.FORWARD, 1, None]]  # [phase, first tick, last tick], in order
+        self.in_optimizer = False
+        self.forwards = 0  # forwards of the model with gradients in the step
+        self.grads: list[_Block] | None = None  # the gradients' storages, once backward is over
         self.current: int | None = None  # the unit running now (forward, or backward by saved tensors)
         self.units: list[_Unit] = []
         self.open: dict[int, _Block] = {}
@@ -116,15 +133,50 @@ class _Recorder(StorageTracker):
         self.last_outputs: set[int] = set()  # ids of the tensors the last unit returned
         self.op_name = ""
 
+    def before_op(self) -> None:
+        """Phases as autograd and the optimizer say: a user's step need not mark them."""
+        if torch._C._current_graph_task_id() != -1:
+            phase = Phase.BACKWARD
+        else:
+            phase = Phase.OPTIMIZER if self.in_optimizer else Phase.FORWARD
+        if phase is not self.phase:
+            self.set_phase(phase)
+
     def set_phase(self, phase: Phase) -> None:
-        if self.phase_ticks:
-            self.phase_ticks[self.phase].append(self.tick)
+        if phase is self.phase:
+            return
+        self.spans[-1][2] = self.tick
+        self.spans.append([phase, self.tick + 1, None])
         self.phase = phase
-        self.phase_ticks[phase] = [self.tick + 1]
         self.current = None
 
+    def optimizer_step(self, model: nn.Module, starting: bool) -> None:
+        self.in_optimizer = starting
+        if starting:
+            self.collect_grads(model)
+
+    def collect_grads(self, model: nn.Module) -> None:
+        if self.grads is None:
+            keys = {storage_key(p.grad) for p in model.parameters() if p.grad is not None}
+            self.grads = [self.open[k] for k in keys if k in self.open]
+
+    @property
+    def phases(self) -> dict[Phase, tuple[int, int]]:
+        """Each phase's first and last tick (a step of several forwards has several spans of some)."""
+        first: dict[Phase, tuple[int, int]] = {}
+        for phase, start, end in self.spans:
+            first[phase] = (first.get(phase, (start,))[0], end)
+        return first
+
+    def span_end(self, tick: int) -> int:
+        """The last tick of the phase span holding `tick`."""
+        for _, start, end in self.spans:
+            if start <= tick <= end:
+                return end
+        return self.spans[-1][2]
+
     def finish(self) -> None:
-        self.phase_ticks[self.phase].append(self.tick)
+        self.spans[-1][2] = self.tick
         self.stop_tracking()
         self._sum_backward()
 
@@ -237,8 +289,9 @@ class _Recorder(StorageTracker):
         unit = _Unit(name, call, type(module).__name__, self.tick, storage_bytes(tensors))
         unit.inputs = list({id(b): b for t in tensors if (b := self.open.get(storage_key(t))) is not None}.values())
         unit.buffer_bytes = sum(allocated_bytes(b.numel() * b.element_size(), self.device) for b in buffers_of([module]))
-        if self.units and self._fed_by_last_unit(tensors):
-            unit.direct_from = len(self.units) - 1
+        self._link(unit, tensors)
+        objects = [inputs, public_state(module)]
+        unit.state = (objects, set(map(storage_key, tensors_held(objects))))
         self.units.append(unit)
         self.current = len(self.units) - 1
 
@@ -246,10 +299,14 @@ class _Recorder(StorageTracker):
         if unit.grad_tick is None:
             unit.grad_tick = self.tick
 
-    def _fed_by_last_unit(self, tensors: list[torch.Tensor]) -> bool:
-        """Whether the inputs are the last unit's outputs, apart from tensors no unit computed."""
+    def _link(self, unit: _Unit, tensors: list[torch.Tensor]) -> None:
+        """The last unit is `direct_from` when it made some of the inputs; `side_from` is the latest
+        other unit that made the rest (a region may span the link if it starts after that unit)."""
         from_units = [t for t in tensors if self._sources(t)]
-        return bool(from_units) and all(id(t) in self.last_outputs for t in from_units)
+        if self.units and any(id(t) in self.last_outputs for t in from_units):
+            unit.direct_from = len(self.units) - 1
+            side = [max(self._sources(t)) for t in from_units if id(t) not in self.last_outputs]
+            unit.side_from = max(side, default=-1)
 
     def _sources(self, t: torch.Tensor) -> frozenset[int]:
         block = self.open.get(storage_key(t))
@@ -258,6 +315,12 @@ class _Recorder(StorageTracker):
     def exit_unit(self, output: Any) -> None:
         unit = self.units[self.current]
         unit.fwd_end = self.tick
+        objects, before = unit.state
+        unit.state = ((), set())
+        for key in {storage_key(t) for t in tensors_held(objects)} - before - {storage_key(t) for t in tensors_in(output)}:
+            unit.writes_state = True  # a replay would store again what it stored
+            if key in self.open:
+                self.open[key].in_state = True
         tensors = list(tensors_in(output))
         unit.output_bytes = storage_bytes(tensors)
         with_grad = [t for t in tensors if t.grad_fn is not None]
@@ -308,16 +371,17 @@ def _shape(value: Any) -> Any:
 
 @contextlib.contextmanager
 def unit_hooks(model: nn.Module, names: list[str], enter, exit) -> Iterator[None]:
-    """Calls enter(name, call, module, inputs) and exit(output) around each outermost unit call."""
+    """Calls enter(name, call, module, inputs) and exit(output) around each outermost unit call
+    with gradients enabled (calls without them save nothing, and a plan leaves them alone)."""
     modules = dict(model.named_modules())
     calls = dict.fromkeys(names, 0)
-    active: list[bool] = []  # per hooked call in flight: is it the outermost unit call?
+    active: list[bool] = []  # per hooked call in flight: was it entered?
 
     def pre(name: str):
         def hook(module, args, kwargs):
-            outermost = not any(active)
-            active.append(outermost)
-            if outermost:
+            entered = not active and torch.is_grad_enabled()
+            active.append(entered)
+            if entered:
                 enter(name, calls[name], module, (args, kwargs))
                 calls[name] += 1
 
@@ -340,25 +404,28 @@ def unit_hooks(model: nn.Module, names: list[str], enter, exit) -> Iterator[None
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
-    """Restores parameters, buffers, gradients, optimizer state and RNG states on exit."""
-    tensors = [*model.parameters(), *model.buffers()]
+def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None, parameters: bool = True) -> Iterator[None]:
+    """Restores parameters, buffers, gradients, optimizer state and RNG states on exit (buffers and
+    RNG states only, with `parameters=False`, for code that runs no backward and no optimizer)."""
+    tensors = [*model.parameters(), *model.buffers()] if parameters else list(model.buffers())
     saved = [_host_copy(t) for t in tensors]
     grads = [p.grad for p in model.parameters()]
     # copies on the host: a measured step must not count them (load_state_dict moves state back)
     opt_state = tree_map_only(torch.Tensor, _host_copy, optimizer.state_dict()) if optimizer is not None else None
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    for p in model.parameters():
-        p.grad = None
+    if parameters:
+        for p in model.parameters():
+            p.grad = None
     try:
         yield
     finally:
         with torch.no_grad():
             for t, s in zip(tensors, saved):
                 t.copy_(s)
-        for p, g in zip(model.parameters(), grads):
-            p.grad = g
+        if parameters:
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g
         if optimizer is not None:
             optimizer.state.clear()
             optimizer.load_state_dict(opt_state)
@@ -373,10 +440,11 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
 
 def profile(
     model: nn.Module,
-    example_batch: Any,
+    example_batch: Any = None,
     loss_fn: LossFn | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     *,
+    step: StepFn | None = None,
     units: UnitSpec = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> ProfiledGraph:
@@ -385,34 +453,24 @@ def profile(
     `example_batch` is a tensor (one positional input), a tuple or list
     (positional inputs), a dict (keyword inputs) or a `Batch`. `loss_fn`
     turns the model's output into a scalar (default: the output itself, its
-    `.loss`, or the sum of its tensors). `units` chooses the modules a plan
-    acts on (see `planner.units.select_units`). On CUDA the allocator's peak
+    `.loss`, or the sum of its tensors). `step` is instead a function of no
+    arguments that runs one whole training step of your own (several
+    micro-batches, a GradScaler, a custom loss); give its optimizer too, so
+    that its state counts as fixed memory. `units` chooses the modules a plan
+    acts on (see `planner.units.select_units`); by default a survey of the
+    module tree chooses them (`planner.survey`). On CUDA the allocator's peak
     statistics are reset at every operator (they measure its scratch memory).
     """
-    batch = Batch.of(example_batch)
-    names = select_units(model, units)
-    device = device_of(model, batch)
-    groups = fixed_groups(model, batch, optimizer)
-    grads: list[_Block] = []
+    train = TrainingStep.of(model, example_batch, loss_fn, optimizer, autocast_dtype, step)
+    device = train.device
+    groups = fixed_groups(model, train.batch, optimizer)
     existing = [t for ts in groups.values() for t in ts]
     fake_mode = detect_fake_mode(existing)  # the FakeTensorMode the model was built under; None for real tensors
-
+    with fake_mode or contextlib.nullcontext():
+        names = _unit_names(train, units, device, existing)
     with fake_mode or contextlib.nullcontext(), preserved(model, optimizer):
         rec = _Recorder(device, existing, estimated_times=device.type == "meta" or fake_mode is not None)
-
-        def on_phase(phase: Phase) -> None:
-            if phase is Phase.OPTIMIZER:  # the gradients are all there now
-                keys = {storage_key(p.grad) for p in model.parameters() if p.grad is not None}
-                grads.extend(rec.open[k] for k in keys if k in rec.open)
-            rec.set_phase(phase)
-
-        try:
-            with unit_hooks(model, names, rec.enter_unit, rec.exit_unit), torch.autograd.graph.saved_tensors_hooks(
-                rec.pack, rec.unpack
-            ), rec:
-                train_step(model, batch, loss_fn, optimizer, autocast_dtype, on_phase)
-        except Exception as err:
-            raise type(err)(f"the training step failed on the example batch: {err}") from err
+        _tracked_step(train, names, rec)
         opt_state = [rec.open[k] for k in map(storage_key, _optimizer_tensors(optimizer)) if k in rec.open]
         # All optimizer state after the step, including what it made outside the dispatcher (step counts).
         state_after = fixed_bytes({Category.OPTIMIZER: _optimizer_tensors(optimizer)}, device)[Category.OPTIMIZER]
@@ -421,7 +479,7 @@ def profile(
             held = torch.cuda.memory_allocated(device) - rec.live_bytes + sum(b.bytes for b in opt_state)
         rec.finish()
         if not rec.estimated_times:
-            timings = [_timed_step(model, batch, names, loss_fn, autocast_dtype, device, optimizer) for _ in range(TIMED_STEPS)]
+            timings = [_timed_step(train, names) for _ in range(TIMED_STEPS)]
             _calibrate(rec, _least(timings))
             if device.type == "cpu":
                 rec.host_bytes_per_s = host_copy_bytes_per_s()
@@ -430,7 +488,60 @@ def profile(
     sizes[Category.OPTIMIZER] = state_after
     if held is not None:
         sizes[Category.WORKSPACE] = max(0, held - sum(sizes.values()))
-    return _graph(model, device, rec, sizes, grads, opt_state, first_step_bytes)
+    return _graph(model, device, rec, sizes, rec.grads or [], opt_state, first_step_bytes)
+
+
+def unit_names(
+    model: nn.Module,
+    example_batch: Any = None,
+    loss_fn: LossFn | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    step: StepFn | None = None,
+    units: UnitSpec = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[str]:
+    """The names of the modules `profile` takes as units, for the same arguments."""
+    train = TrainingStep.of(model, example_batch, loss_fn, optimizer, autocast_dtype, step)
+    groups = fixed_groups(model, train.batch, optimizer)
+    existing = [t for ts in groups.values() for t in ts]
+    with detect_fake_mode(existing) or contextlib.nullcontext():
+        return _unit_names(train, units, train.device, existing)
+
+
+def _unit_names(train: TrainingStep, units: UnitSpec, device: torch.device, existing: list[torch.Tensor]) -> list[str]:
+    """The units `units` names, or those a survey of the step's forward chooses (state restored)."""
+    if units is not None:
+        return select_units(train.model, units)
+    with preserved(train.model, train.optimizer, parameters=train.fn is not None):
+        try:
+            return survey_units(train.model, train.forward, device, existing)
+        except Exception as err:
+            raise type(err)(f"the training step failed on the example batch: {err}") from err
+
+
+def _tracked_step(train: TrainingStep, names: list[str], rec: _Recorder) -> None:
+    """The profiled step: every operator and storage through `rec`, units and saved tensors hooked."""
+    model = train.model
+
+    def on_phase(phase: Phase) -> None:
+        if phase is Phase.OPTIMIZER:  # the gradients are all there now
+            rec.collect_grads(model)
+
+    def count_forward(module, args) -> None:
+        rec.forwards += torch.is_grad_enabled()
+
+    counter = model.register_forward_pre_hook(count_forward)
+    try:
+        with unit_hooks(model, names, rec.enter_unit, rec.exit_unit), torch.autograd.graph.saved_tensors_hooks(
+            rec.pack, rec.unpack
+        ), optimizer_hooks(lambda: rec.optimizer_step(model, True), lambda: rec.optimizer_step(model, False)), rec:
+            train(on_phase)
+            rec.collect_grads(model)
+    except Exception as err:
+        raise type(err)(f"the training step failed on the example batch: {err}") from err
+    finally:
+        counter.remove()
 
 
 TIMED_STEPS = 2  # untracked training steps that give the profile its times
@@ -439,12 +550,13 @@ TIMED_STEPS = 2  # untracked training steps that give the profile its times
 @dataclass
 class _Timing:
     units: list[float]  # forward ms of each unit call
-    backward_ms: float
+    backward_ms: float | None  # None: a user's step, whose phases are not marked
+    step_ms: float
     host_busy: float = 1.0  # share of the step the host spends issuing it (below 1 where a GPU runs behind)
     optimizer_ms: float | None = None
 
 
-def _timed_step(model, batch, names, loss_fn, autocast_dtype, device: torch.device, optimizer) -> _Timing:
+def _timed_step(train: TrainingStep, names: list[str]) -> _Timing:
     """Times one more training step, untracked: each unit call's forward, the backward, and the
     optimizer's step if there is one (the caller restores what it changes).
 
@@ -452,6 +564,7 @@ def _timed_step(model, batch, names, loss_fn, autocast_dtype, device: torch.devi
     that training does not pay; this step's clock is the truth. A whole step leaves data-parallel
     engines as training does.
     """
+    device = train.device
     cuda = device.type == "cuda"
 
     def mark():
@@ -464,21 +577,23 @@ def _timed_step(model, batch, names, loss_fn, autocast_dtype, device: torch.devi
     def ms(start, end) -> float:
         return start.elapsed_time(end) if cuda else (end - start) * 1e3
 
-    starts, ends, phases = [], [], {}
+    starts, ends, phases, steps = [], [], {}, []
     if cuda:
         torch.cuda.synchronize(device)
-    begin = time.perf_counter()
-    with unit_hooks(model, names, lambda *call: starts.append(mark()), lambda output: ends.append(mark())):
-        train_step(model, batch, loss_fn, optimizer, autocast_dtype, lambda phase: phases.__setitem__(phase, mark()))
+    begin, first = time.perf_counter(), mark()
+    with unit_hooks(train.model, names, lambda *call: starts.append(mark()), lambda output: ends.append(mark())):
+        with optimizer_hooks(lambda: steps.append(mark()), lambda: steps.append(mark())):
+            train(lambda phase: phases.__setitem__(phase, mark()))
     end, issued = mark(), time.perf_counter()
     if cuda:
         torch.cuda.synchronize(device)
     busy = (issued - begin) / (time.perf_counter() - begin)
     return _Timing(
         [ms(a, b) for a, b in zip(starts, ends)],
-        ms(phases[Phase.BACKWARD], phases[Phase.OPTIMIZER]),
+        ms(phases[Phase.BACKWARD], phases[Phase.OPTIMIZER]) if phases else None,
+        ms(first, end),
         busy,
-        ms(phases[Phase.OPTIMIZER], end) if optimizer is not None else None,
+        sum(ms(a, b) for a, b in zip(steps[::2], steps[1::2])) if steps else None,
     )
 
 
@@ -488,7 +603,8 @@ def _least(timings: list[_Timing]) -> _Timing:
         return timings[-1]
     return _Timing(
         [min(ms) for ms in zip(*(t.units for t in timings))],
-        min(t.backward_ms for t in timings),
+        min((t.backward_ms for t in timings if t.backward_ms is not None), default=None),
+        min(t.step_ms for t in timings),
         min(t.host_busy for t in timings),
         min((t.optimizer_ms for t in timings if t.optimizer_ms is not None), default=None),
     )
@@ -496,20 +612,27 @@ def _least(timings: list[_Timing]) -> _Timing:
 
 def _calibrate(rec: _Recorder, timing: _Timing) -> None:
     """Units take their clocked forward times (their operators scaled to them); backward operators
-    share the clocked backward in proportion, and other work shrinks as the phase it ran in did."""
+    share the clocked backward in proportion, and other work shrinks as the phase it ran in did. In
+    a user's step, whose backward is not marked, the backward and the work outside units in forward
+    share what the clock leaves of the step beside the units and the optimizer."""
     profiled = sum(u.fwd_ms for u in rec.units)
     if len(timing.units) != len(rec.units) or not profiled:  # the model took another path: keep the operator times
         return
-    backward_scale = timing.backward_ms / rec.backward_ms if rec.backward_ms else 1.0
+    optimizer_ms = rec.optimizer_ms if timing.optimizer_ms is None else timing.optimizer_ms
+    forward_other = rec.other_ms - rec.other_backward_ms - rec.optimizer_ms
+    forward_scale = sum(timing.units) / profiled
+    if timing.backward_ms is not None:
+        backward_scale = timing.backward_ms / rec.backward_ms if rec.backward_ms else 1.0
+    else:
+        rest = rec.backward_ms + forward_other
+        backward_scale = forward_scale = max(0.0, timing.step_ms - sum(timing.units) - optimizer_ms) / rest if rest else 1.0
     for unit, ms in zip(rec.units, timing.units):
         scale = ms / unit.fwd_ms if unit.fwd_ms else 0.0
         for op in unit.ops:
             op.ms *= scale
         unit.fwd_ms = ms
         unit.bwd_ms *= backward_scale
-    optimizer_ms = rec.optimizer_ms if timing.optimizer_ms is None else timing.optimizer_ms
-    forward_other = rec.other_ms - rec.other_backward_ms - rec.optimizer_ms
-    rec.other_ms = forward_other * sum(timing.units) / profiled + rec.other_backward_ms * backward_scale + optimizer_ms
+    rec.other_ms = forward_other * forward_scale + rec.other_backward_ms * backward_scale + optimizer_ms
     rec.host_busy = timing.host_busy
 
 
@@ -523,8 +646,6 @@ def _graph(
     first_step_bytes: int,
 ) -> ProfiledGraph:
     """Freezes what the recorder saw; optimizer state first allocated in this step counts as fixed."""
-    phases = {phase: (ticks[0], ticks[1]) for phase, ticks in rec.phase_ticks.items()}
-    fwd_end = phases[Phase.FORWARD][1]
     grad_ids = {id(b) for b in grads}
     new_state_ids = {id(b) for b in opt_state}
     blocks = []
@@ -535,11 +656,26 @@ def _graph(
         index[id(b)] = len(blocks)
         if id(b) in grad_ids:
             category = Category.GRADIENTS
-        elif b.phase is Phase.FORWARD and (b.free is None or b.free > fwd_end):
-            category = Category.ACTIVATIONS
+        elif b.phase is Phase.FORWARD and (b.free is None or b.free > rec.span_end(b.alloc)):
+            category = Category.ACTIVATIONS  # outlives the forward that made it
         else:
             category = Category.TRANSIENTS
-        blocks.append(Block(b.bytes, category, b.phase, b.alloc, b.free, b.owner, frozenset(b.savers), b.last_use, b.op, b.mutated, b.unit_output))
+        blocks.append(
+            Block(
+                bytes=b.bytes,
+                category=category,
+                phase=b.phase,
+                alloc=b.alloc,
+                free=b.free,
+                owner=b.owner,
+                savers=frozenset(b.savers),
+                last_use=b.last_use,
+                op=b.op,
+                mutated=b.mutated,
+                unit_output=b.unit_output,
+                in_state=b.in_state,
+            )
+        )
     meta = {"other_ms": rec.other_ms, "other_flops": rec.other_flops, "other_bytes": rec.other_bytes}
     if device.type == "cuda" and not rec.estimated_times:  # `costmodel.retime` keeps times measured on the same GPU
         meta["device_name"] = torch.cuda.get_device_name(device)
@@ -562,7 +698,8 @@ def _graph(
         edges=tuple(sorted((p, v) for v, u in enumerate(rec.units) for p in u.preds if p < v)),
         fixed=fixed,
         blocks=tuple(blocks),
-        phases=phases,
+        phases=rec.phases,
+        forwards=max(rec.forwards, 1),
         step_ms=rec.other_ms + sum(u.fwd_ms + u.bwd_ms for u in rec.units),
         measured_times=not rec.estimated_times,
         first_step_extra_bytes=first_step_bytes,
@@ -594,6 +731,8 @@ def _freeze_unit(index: int, u: _Unit, blocks: list[_Block], block_index: dict[i
         bwd_start=u.bwd_start,
         ops=ops,
         direct_from=u.direct_from,
+        side_from=u.side_from,
+        writes_state=u.writes_state,
         mutates_inputs=u.mutates_inputs,
         grad_tick=u.grad_tick,
         bwd_end=u.bwd_end,

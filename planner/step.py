@@ -1,4 +1,9 @@
-"""One training step, the same for profiling, measuring and training."""
+"""One training step, the same for profiling, measuring and training.
+
+The built-in step is what most loops do: forward, loss, drop the output, backward, optimizer step,
+zero_grad. A user's own step (gradient accumulation over micro-batches, a GradScaler, a custom
+loss) is a function of no arguments that runs one whole step; `TrainingStep` holds either.
+"""
 
 from __future__ import annotations
 
@@ -75,12 +80,13 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
     on_phase: Callable[[Phase], None] = lambda phase: None,
 ) -> torch.Tensor:
-    """Forward, loss, backward, optimizer step and zero_grad(set_to_none=True); returns the loss."""
-    device = device_of(model, batch)
+    """Forward, loss, backward, optimizer step and zero_grad(set_to_none=True); returns the loss.
+
+    The model's output is dropped before backward, as `loss = model(**batch).loss; loss.backward()`
+    drops it.
+    """
     on_phase(Phase.FORWARD)
-    with autocast(device, autocast_dtype):
-        output = model(*batch.args, **batch.kwargs)
-        loss = (loss_fn or default_loss)(output)
+    loss = forward_loss(model, batch, loss_fn, autocast_dtype)
     on_phase(Phase.BACKWARD)
     loss.backward()
     on_phase(Phase.OPTIMIZER)
@@ -91,6 +97,74 @@ def train_step(
         for p in model.parameters():
             p.grad = None
     return loss.detach()
+
+
+def forward_loss(
+    model: nn.Module, batch: Batch, loss_fn: LossFn | None = None, autocast_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The forward and the loss of the built-in step; nothing but the loss outlives it."""
+    with autocast(device_of(model, batch), autocast_dtype):
+        return (loss_fn or default_loss)(model(*batch.args, **batch.kwargs))
+
+
+StepFn = Callable[[], Any]  # runs one whole training step of the user's: forward(s), backward(s), optimizer step
+
+
+@dataclass(frozen=True)
+class TrainingStep:
+    """One training step of `model`: the user's own `fn`, or the built-in one on `batch`.
+
+    `batch` of a user's step is only counted as the step's inputs (it may be empty).
+    """
+
+    model: nn.Module
+    batch: Batch
+    loss_fn: LossFn | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    autocast_dtype: torch.dtype | None = None
+    fn: StepFn | None = None
+
+    @classmethod
+    def of(cls, model, batch=None, loss_fn=None, optimizer=None, autocast_dtype=None, fn=None) -> TrainingStep:
+        if fn is None and batch is None:
+            raise ValueError("give an example batch, or your own training step as step=")
+        if fn is not None and (loss_fn is not None or autocast_dtype is not None):
+            raise ValueError("a step of your own computes its loss and autocasts itself: drop loss_fn and autocast_dtype")
+        return cls(model, Batch.of(() if batch is None else batch), loss_fn, optimizer, autocast_dtype, fn)
+
+    @property
+    def device(self) -> torch.device:
+        return device_of(self.model, self.batch)
+
+    def __call__(self, on_phase: Callable[[Phase], None] = lambda phase: None) -> None:
+        """Run the step. The built-in one tells `on_phase` where its phases begin; a user's step does not."""
+        if self.fn is not None:
+            self.fn()
+        else:
+            train_step(self.model, self.batch, self.loss_fn, self.optimizer, self.autocast_dtype, on_phase)
+
+    def forward(self) -> None:
+        """What a survey of the forward runs: the built-in step's forward and loss, or a user's whole step."""
+        if self.fn is not None:
+            self.fn()
+        else:
+            forward_loss(self.model, self.batch, self.loss_fn, self.autocast_dtype)
+
+
+@contextlib.contextmanager
+def optimizer_hooks(before: Callable[[], None], after: Callable[[], None]) -> Iterator[None]:
+    """Calls `before()` and `after()` around every optimizer's `step()` while active."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    handles = [
+        register_optimizer_step_pre_hook(lambda opt, args, kwargs: before()),
+        register_optimizer_step_post_hook(lambda opt, args, kwargs: after()),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def timed_ms(fn: Callable[[], Any], device: torch.device) -> float:

@@ -25,6 +25,7 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to this
@@ -45,6 +46,38 @@ def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
     elif is_dataclass(obj) and not isinstance(obj, type):
         for f in fields(obj):
             yield from tensors_in(getattr(obj, f.name))
+
+
+def tensors_held(obj: Any, depth: int = 6) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from `obj` through containers and the attributes of plain objects (a
+    key/value cache and its layers), `depth` levels down; modules, classes and functions are not
+    looked into."""
+    seen: set[int] = set()
+
+    def walk(value: Any, level: int) -> Iterator[torch.Tensor]:
+        if isinstance(value, torch.Tensor):
+            yield value
+            return
+        if level > depth or id(value) in seen or isinstance(value, (nn.Module, type, str, bytes, int, float)):
+            return
+        seen.add(id(value))
+        if isinstance(value, Mapping):
+            items = value.values()
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            items = value
+        elif hasattr(value, "__dict__") and not callable(value) and type(value).__module__ != "builtins":
+            items = vars(value).values()
+        else:
+            return
+        for item in items:
+            yield from walk(item, level + 1)
+
+    yield from walk(obj, 0)
+
+
+def public_state(module: nn.Module) -> dict[str, Any]:
+    """A module's own attributes that are not parameters, buffers or submodules (nor private)."""
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
 
 
 def op_tensors(values: Iterable[Any]) -> list[torch.Tensor]:
@@ -109,8 +142,9 @@ class StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in METADATA_OPS:
+        if func in METADATA_OPS or func.namespace == "profiler":  # record_function marks: no memory
             return func(*args, **kwargs)
+        self.before_op()
         if self.watch_scratch:
             torch.cuda.reset_peak_memory_stats(self.device)
             torch.cuda.synchronize(self.device)  # the clock sees this operator's kernels, not those queued before
@@ -192,6 +226,9 @@ class StorageTracker(TorchDispatchMode):
         self.live.clear()
 
     # Subclasses record more.
+    def before_op(self) -> None:
+        """Before an operator runs."""
+
     def on_op(self, func, args, kwargs, out, ins: list, outs: list, inputs: set[int], new: list[int]) -> None:
         """After an operator: its tensors in and out, its input storages and the storages it made."""
 

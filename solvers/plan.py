@@ -47,6 +47,8 @@ class Plan:
     predicted_overhead_ms: float
     step_ms: float  # the unplanned step
     unplanned_peak_bytes: int
+    forwards: int = 1  # forwards of the model in one training step: unit calls are counted over them
+    margin_bytes: int = 0  # kept free under the budget for what a measured step showed beyond the prediction
 
     @property
     def overhead_pct(self) -> float:
@@ -87,6 +89,8 @@ class Plan:
                 "step_ms": self.step_ms,
             },
             "unplanned": {"peak_bytes": self.unplanned_peak_bytes},
+            "forwards": self.forwards,
+            "margin_bytes": self.margin_bytes,
             "units": units,
         }
 
@@ -112,6 +116,8 @@ class Plan:
             predicted_overhead_ms=float(predicted.get("overhead_ms", (int, float))),
             step_ms=float(predicted.get("step_ms", (int, float))),
             unplanned_peak_bytes=unplanned.get("peak_bytes", int),
+            forwards=fields.get("forwards", int) if "forwards" in fields.data else 1,
+            margin_bytes=fields.get("margin_bytes", int) if "margin_bytes" in fields.data else 0,
         )
 
 

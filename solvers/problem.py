@@ -107,14 +107,16 @@ def build_problem(
     budget_bytes: int,
     roofline: Roofline | None = None,
     max_segment_units: int = MAX_SEGMENT_UNITS,
+    offload: bool = True,
 ) -> Problem:
-    """Every useful option on the graph, and the rows of its step (`roofline` as in `simulate`)."""
+    """Every useful option on the graph, and the rows of its step (`roofline` as in `simulate`);
+    with `offload` False, no option offloads."""
     semantics = Semantics(graph, roofline or roofline_for(graph))
     sim = simulate(graph)
     ticks = [int(t) for t in sim.timeline.ticks]
     totals = [sim.timeline.total(i) for i in range(len(ticks))]
     options = []
-    for choice in candidate_choices(graph, max_segment_units):
+    for choice in candidate_choices(graph, max_segment_units, offload):
         effect = semantics.effect(choice)
         if effect is None:
             continue
@@ -138,13 +140,15 @@ def build_problem(
     return Problem(len(graph.units), tuple(options), rows, budget_bytes, sim.peak_bytes, graph.step_ms, chain)
 
 
-def candidate_choices(graph: ProfiledGraph, max_segment_units: int) -> list[Choice]:
-    """Offload each unit; recompute each run of up to `max_segment_units` units along segment links,
-    in full and keeping the outputs of its expensive operators that draw no random numbers saved."""
+def candidate_choices(graph: ProfiledGraph, max_segment_units: int, offload: bool = True) -> list[Choice]:
+    """Offload each unit (if `offload`); recompute each run of up to `max_segment_units` units along
+    segment links, in full and keeping the outputs of its expensive operators that draw no random
+    numbers saved."""
     links = graph.segment_links()
     choices = []
     for u in range(len(graph.units)):
-        choices.append(Choice(Action.OFFLOAD, (u,)))
+        if offload:
+            choices.append(Choice(Action.OFFLOAD, (u,)))
         end = u
         while True:
             units = tuple(range(u, end + 1))
@@ -154,7 +158,7 @@ def candidate_choices(graph: ProfiledGraph, max_segment_units: int) -> list[Choi
             expensive = {op.name for op in ops if op.name in EXPENSIVE_OPS} - {op.name for op in ops if op.random}
             if expensive:
                 choices.append(Choice(Action.RECOMPUTE, units, frozenset(expensive)))
-            if end + 1 - u >= max_segment_units or (end, end + 1) not in links:
+            if end + 1 - u >= max_segment_units or (end, end + 1) not in links or graph.units[end + 1].side_from >= u:
                 break
             end += 1
     return choices
