@@ -173,7 +173,9 @@ class Semantics:
         outside it, and the outputs of operators it keeps saved even where autograd did not save them."""
         blocks = self.graph.blocks
         inputs = {i for u in units for i in self.graph.units[u].inputs if blocks[i].owner not in units}
-        cached = {i for i in owned if blocks[i].op in save_ops and blocks[i].category is Category.TRANSIENTS}
+        cached = {
+            i for i in owned if blocks[i].op in save_ops and blocks[i].category is Category.TRANSIENTS and not blocks[i].scratch
+        }
         until = max([back] + [self.graph.units[u].bwd_end or back for u in units])
         return tuple(
             Release(i, blocks[i].free, until)

@@ -38,11 +38,10 @@ from torch import nn
 
 from planner.graph import Category, FixedMemory, ProfiledGraph
 from planner.measurement import Measurement, measure
-from planner.profiler import profile
+from planner.profiler import profile, unit_names
 from planner.simulator import simulate
 from planner.step import Batch, device_of
 from planner.tracking import StorageTracker, storage_key
-from planner.units import UnitSpec, select_units
 
 SHARDINGS = ("ddp", "fsdp")
 HOST = "127.0.0.1"
@@ -226,14 +225,15 @@ class Wrapped:
     held_bytes: int
 
 
-def wrap(model: nn.Module, sharding: str, units: UnitSpec = None) -> Wrapped:
-    """Wrap `model` for the process group in DDP or FSDP2 (collective: every rank calls it).
+def wrap(model: nn.Module, sharding: str, units: Sequence[str]) -> Wrapped:
+    """Wrap `model` for the process group in DDP or FSDP2 (collective: every rank calls it), with
+    the modules named `units` (`planner.profiler.unit_names`) as units.
 
     Under FSDP2 each unit that owns parameters no other unit shares gets its own `fully_shard`,
     then the root takes the rest (tied embeddings, units without a group of their own).
     """
     check_sharding(sharding)
-    names = select_units(model, units)
+    names = list(units)
     device = device_of(model, Batch())
     tracker = StorageTracker(device, [*model.parameters(), *model.buffers()])
     with tracker:
@@ -329,6 +329,15 @@ def agreed_units(names: list[str]) -> list[str]:
     box = [names]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def agreed_union(items: set) -> set:
+    """Every rank's `items` together (collective under torch.distributed; `items` otherwise)."""
+    if not _distributed():
+        return items
+    parts: list[set] = [set()] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return set().union(*parts)
 
 
 def worst_peak(peak_bytes: int) -> int:
@@ -464,7 +473,9 @@ def rank_workload(job: RankJob, rank: int):
     if device.type == "meta":
         raise ValueError("data-parallel training runs the real step, which cannot run on the meta device")
     data = scenario.build(job.variant, device, seed=job.seed + rank, batch_size=job.batch_size)
-    wrapped = wrap(scenario.build_model(job.variant, device, seed=job.seed), check_sharding(job.sharding))
+    model = scenario.build_model(job.variant, device, seed=job.seed)
+    names = unit_names(model, data.batch, data.loss_closure(), autocast_dtype=data.autocast_dtype)
+    wrapped = wrap(model, check_sharding(job.sharding), agreed_units(names))
     optimizer = scenario.optimizer.build(wrapped.module.parameters())
     return replace(data, model=wrapped.module, optimizer=optimizer), wrapped
 

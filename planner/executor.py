@@ -98,6 +98,8 @@ class Handle:
         self.region: _Region | None = None
         self.offload = _Offloader()
         self.seen: set[tuple[str, int]] = set()
+        self.watch: Callable[[Choice | None], None] | None = None  # told when a replay starts (its choice) and ends
+        self.measured = None  # `planner.auto`'s measurement of a planned step
         self._hooks: list = []
 
     # Installation.
@@ -212,6 +214,8 @@ class Handle:
         with _outside_checkpoint_modes(), torch.no_grad():
             snapshot = [b.clone() for b in region.buffers]
         self.depth += 1
+        if self.watch is not None:
+            self.watch(region.choice)
         try:
             output = region.calls[0][0](*args, **kwargs)
             for forward, kept, spec, links in region.calls[1:]:
@@ -221,9 +225,14 @@ class Handle:
                 output = forward(*call_args, **call_kwargs)
         finally:
             self.depth -= 1
+            if self.watch is not None:
+                self.watch(None)
             with _outside_checkpoint_modes(), torch.no_grad():
                 for buffer, value in zip(region.buffers, snapshot):
-                    buffer.copy_(value)
+                    # through `.data`: putting the values back is no change autograd must see; bumping the
+                    # buffer's version would fail the backward of a call of the module outside the region
+                    # (batch norm saves its running statistics)
+                    buffer.data.copy_(value)
 
     @staticmethod
     def _context_fn(choice: Choice):

@@ -123,6 +123,7 @@ class Block:
     mutated: bool = False  # written in place after it was made
     unit_output: bool = False  # returned by the unit that made it
     in_state: bool = False  # stored into an object a unit was given (a key/value cache): no plan frees it
+    scratch: bool = False  # memory its operator took and gave back within the call (allocated and freed at once)
 
 
 @dataclass(frozen=True)

@@ -113,3 +113,36 @@ def _cuda_peak(train: TrainingStep, device: torch.device) -> tuple[int, int]:
     train()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+
+
+class _ReplayWatch(StorageTracker):
+    """Which recompute regions' replays allocate storages that are still alive when the step ends."""
+
+    def __init__(self, device: torch.device, existing: list[torch.Tensor]) -> None:
+        super().__init__(device, existing)
+        self.replaying = None  # the choice whose replay is running
+        self.made_by: dict[int, Any] = {}  # storage key -> the choice whose replay made it
+
+    def watch(self, choice) -> None:
+        self.replaying = choice
+
+    def on_alloc(self, key: int, nbytes: int) -> None:
+        if self.replaying is not None and key >= 0:
+            self.made_by[key] = self.replaying
+
+
+def replays_left_behind(handle, example_batch=None, loss_fn=None, optimizer=None, *, step=None, autocast_dtype=None) -> set[int]:
+    """The units of the plan's recompute regions whose replays, in one step under `handle`, made
+    storages that outlive the step: a replay that does what its first run did leaves none."""
+    train = TrainingStep.of(handle.model, example_batch, loss_fn, optimizer, autocast_dtype, step)
+    groups = fixed_groups(train.model, train.batch, optimizer)
+    watch = _ReplayWatch(train.device, [t for ts in groups.values() for t in ts])
+    handle.watch = watch.watch
+    try:
+        with preserved(train.model, optimizer), watch:
+            train()
+    finally:
+        handle.watch = None
+    left = {watch.made_by[key].units for key in watch.live if key in watch.made_by}
+    watch.stop_tracking()
+    return {u for units in left for u in units}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -184,14 +185,15 @@ def auto(
 
     With `check` (the default), one planned step is measured before returning (the model, the
     optimizer and the random number generators are left as they were): its peak (live storages on a
-    CPU, what the allocator reserves on CUDA) is compared with the budget, and where it is over, the
-    plan is made again with the excess kept free (a warning says so), up to MAX_REPLANS times;
-    then BudgetExceeded. `handle.measured` is the last measurement. Under torch.distributed every
+    CPU, what the allocator reserves on CUDA) is compared with the budget. Where it is over, a step
+    with every unit recomputed on its own finds the units whose replays leave memory behind, and
+    the plan is made again without recomputing them, or, if there are none, with the excess kept
+    free (a warning says so), up to MAX_REPLANS times; then BudgetExceeded. `handle.measured` is the last measurement. Under torch.distributed every
     rank calls it: one rank chooses the units and solves, and every rank applies the same plan.
     """
-    from planner.distributed import agreed_plan, agreed_units, worst_peak
+    from planner.distributed import agreed_plan, agreed_union, agreed_units, worst_peak
     from planner.executor import apply
-    from planner.measurement import measure
+    from planner.measurement import measure, replays_left_behind
     from planner.profiler import profile, unit_names
 
     if budget is None:
@@ -208,18 +210,29 @@ def auto(
         warmup = int(optimizer is not None and not optimizer.state)  # the checked step is a steady one
         handle.measured = measure(model, example_batch, steps=0, warmup=warmup, **step_args)
         peak = worst_peak(max(handle.measured.peak_bytes, handle.measured.reserved_bytes or 0))
-        if peak <= chosen.budget_bytes:
-            return handle
-        handle.remove()
-        excess = peak - chosen.predicted_peak_bytes
-        if attempt == MAX_REPLANS:
+        if peak <= chosen.budget_bytes or attempt == MAX_REPLANS:
             break
-        log.warning(
-            "the planned step measured %s, over the budget of %s (predicted %s); planning again with %s kept free",
-            format_bytes(peak), format_bytes(chosen.budget_bytes), format_bytes(chosen.predicted_peak_bytes),
-            format_bytes(chosen.margin_bytes + excess),
-        )
-        chosen = agreed_plan(graph, budget, margin_bytes=chosen.margin_bytes + excess, **solve)
+        handle.remove()
+        with apply(model, agreed_plan(graph, chosen.unplanned_peak_bytes, solver="all", offload=False)) as probe:
+            left = sorted(agreed_union(replays_left_behind(probe, example_batch, **step_args)))
+        over = f"the planned step measured {format_bytes(peak)}, over the budget of {format_bytes(chosen.budget_bytes)}"
+        if left:
+            why = f"replays of {', '.join(graph.units[u].key for u in left)} left memory behind"
+            log.warning("%s: %s, so they are not recomputed; planning again", over, why)
+            graph = replace(graph, units=tuple(replace(u, replayable=False) if u.index in left else u for u in graph.units))
+            margin = chosen.margin_bytes
+        else:
+            margin = chosen.margin_bytes + peak - chosen.predicted_peak_bytes
+            why = f"it measured {format_bytes(peak - chosen.predicted_peak_bytes)} more than predicted"
+            log.warning("%s (predicted %s); planning again with %s kept free", over,
+                        format_bytes(chosen.predicted_peak_bytes), format_bytes(margin))
+        try:
+            chosen = agreed_plan(graph, budget, margin_bytes=margin, **solve)
+        except InfeasibleBudget as err:
+            raise InfeasibleBudget(f"{over}, and {why}: {err}", err.smallest_bytes) from None
+    if peak <= chosen.budget_bytes:
+        return handle
+    handle.remove()
     raise BudgetExceeded(
         f"the planned step measured {format_bytes(peak)}, over the budget of {format_bytes(chosen.budget_bytes)}, "
         f"after planning {MAX_REPLANS} more times; give a smaller budget"

@@ -64,6 +64,7 @@ class _Block:
     mutated: bool = False  # written in place after it was made
     unit_output: bool = False  # returned by the unit that made it
     in_state: bool = False  # stored by a unit into an object it was given (a key/value cache)
+    scratch: bool = False  # an operator's scratch: allocated and freed at its tick
 
 
 @dataclass
@@ -112,6 +113,7 @@ class _Recorder(StorageTracker):
         super().__init__(device, existing)
         self.estimated_times = estimated_times  # times from FLOPs and bytes, not the clock
         self.watch_scratch = self.watch_scratch and not estimated_times
+        self.watch_cpu_scratch = self.watch_cpu_scratch and not estimated_times
         self.phase = Phase.FORWARD
         self.spans: list[list] = [[Phase.FORWARD, 1, None]]  # [phase, first tick, last tick], in order
         self.in_optimizer = False
@@ -200,7 +202,7 @@ class _Recorder(StorageTracker):
 
     # Storages.
     def on_alloc(self, key: int, nbytes: int) -> None:
-        block = _Block(nbytes, self.phase, self.tick, self.current, op=self.op_name if key < 0 else "")
+        block = _Block(nbytes, self.phase, self.tick, self.current, op=self.op_name if key < 0 else "", scratch=key < 0)
         self.open[key] = block
         self.blocks.append(block)
 
@@ -404,28 +406,25 @@ def unit_hooks(model: nn.Module, names: list[str], enter, exit) -> Iterator[None
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None, parameters: bool = True) -> Iterator[None]:
-    """Restores parameters, buffers, gradients, optimizer state and RNG states on exit (buffers and
-    RNG states only, with `parameters=False`, for code that runs no backward and no optimizer)."""
-    tensors = [*model.parameters(), *model.buffers()] if parameters else list(model.buffers())
+def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Restores parameters, buffers, gradients, optimizer state and RNG states on exit."""
+    tensors = [*model.parameters(), *model.buffers()]
     saved = [_host_copy(t) for t in tensors]
     grads = [p.grad for p in model.parameters()]
     # copies on the host: a measured step must not count them (load_state_dict moves state back)
     opt_state = tree_map_only(torch.Tensor, _host_copy, optimizer.state_dict()) if optimizer is not None else None
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    if parameters:
-        for p in model.parameters():
-            p.grad = None
+    for p in model.parameters():
+        p.grad = None
     try:
         yield
     finally:
         with torch.no_grad():
             for t, s in zip(tensors, saved):
                 t.copy_(s)
-        if parameters:
-            for p, g in zip(model.parameters(), grads):
-                p.grad = g
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
         if optimizer is not None:
             optimizer.state.clear()
             optimizer.load_state_dict(opt_state)
@@ -510,12 +509,12 @@ def unit_names(
 
 
 def _unit_names(train: TrainingStep, units: UnitSpec, device: torch.device, existing: list[torch.Tensor]) -> list[str]:
-    """The units `units` names, or those a survey of the step's forward chooses (state restored)."""
+    """The units `units` names, or those a survey of the step chooses (state restored)."""
     if units is not None:
         return select_units(train.model, units)
-    with preserved(train.model, train.optimizer, parameters=train.fn is not None):
+    with preserved(train.model, train.optimizer):  # a whole step: engines expect a backward after a forward
         try:
-            return survey_units(train.model, train.forward, device, existing)
+            return survey_units(train.model, train, device, existing)
         except Exception as err:
             raise type(err)(f"the training step failed on the example batch: {err}") from err
 
@@ -674,6 +673,7 @@ def _graph(
                 mutated=b.mutated,
                 unit_output=b.unit_output,
                 in_state=b.in_state,
+                scratch=b.scratch,
             )
         )
     meta = {"other_ms": rec.other_ms, "other_flops": rec.other_flops, "other_bytes": rec.other_bytes}

@@ -143,13 +143,6 @@ class TrainingStep:
         else:
             train_step(self.model, self.batch, self.loss_fn, self.optimizer, self.autocast_dtype, on_phase)
 
-    def forward(self) -> None:
-        """What a survey of the forward runs: the built-in step's forward and loss, or a user's whole step."""
-        if self.fn is not None:
-            self.fn()
-        else:
-            forward_loss(self.model, self.batch, self.loss_fn, self.autocast_dtype)
-
 
 @contextlib.contextmanager
 def optimizer_hooks(before: Callable[[], None], after: Callable[[], None]) -> Iterator[None]:

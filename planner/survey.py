@@ -1,8 +1,8 @@
 """Which modules are units when the user names none, from a survey of the whole module tree.
 
-    names = survey_units(model, run_forward)       # run_forward() runs the step's forward and loss
+    names = survey_units(model, run_step, device, existing)   # run_step() runs one training step
 
-The survey runs the forward once with every module hooked and credits each module with the bytes
+The survey runs a step once with every module hooked and credits each module with the bytes
 autograd saves of what it computes: `saved_bytes`, its submodules included (its largest call), and
 `own_bytes`, of its own code outside them. `choose_units` then walks the tree from the root:
 
@@ -172,8 +172,9 @@ class _Survey(StorageTracker):
 
 
 def survey(model: nn.Module, run: Callable[[], object], device: torch.device, existing: list[torch.Tensor]):
-    """Run `run()` (the step's forward, or the whole step) with every module hooked; returns the
-    tree with its shares and the total bytes saved. The caller restores what the run changes."""
+    """Run `run()` (one training step) with every module hooked; returns the tree with its shares
+    and the total bytes its forward saved. `existing` are the storages alive before it (not counted);
+    the caller restores what the run changes."""
     rec = _Survey(device, existing)
     with rec.hooked(model), rec:
         run()

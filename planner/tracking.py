@@ -6,6 +6,14 @@ aliases and in-place results share a storage and are never counted twice.
 Storages that existed before the mode started (parameters, optimizer state,
 the batch) are not counted; callers account for them separately.
 
+An operator's scratch, memory it takes and gives back within the call (a
+oneDNN convolution reorders its inputs and gradients into blocked layouts,
+a slow convolution unfolds its input), never passes the dispatcher as an
+output. It counts at its operator's tick, on CUDA from the caching
+allocator's peak statistics, on the CPU from the memory events of the
+autograd profiler (its legacy, CPU-only form), which sees every block of
+c10's CPU allocator made on the calling thread.
+
 Two kinds of memory need more than watching operator outputs. A tensor
 subclass that wraps others (a DTensor around its local shard) holds the
 memory of its inner tensor, so it is keyed and sized by that. And an engine
@@ -120,6 +128,44 @@ def allocated_bytes(nbytes: int, device: torch.device) -> int:
     return nbytes
 
 
+class _CpuScratch:
+    """The most bytes c10's CPU allocator holds during one operator call beyond what it holds when the
+    call returns, from the legacy autograd profiler's memory events (no kineto session: cheap, and
+    quiet). Unavailable where another profiler is running, or where this torch lacks the API."""
+
+    def __init__(self) -> None:
+        try:
+            from torch._C._autograd import _disable_profiler_legacy, _enable_profiler_legacy, _ProfilerDisableOptions
+            from torch.autograd.profiler import ProfilerConfig, ProfilerState, _ExperimentalConfig
+
+            # (state, report_input_shapes, profile_memory, with_stack, with_flops, with_modules, experimental)
+            self._config = ProfilerConfig(ProfilerState.CPU, False, True, False, False, False, _ExperimentalConfig())
+            self._options = _ProfilerDisableOptions(True, True)  # (cleanup thread-local state, consolidate)
+        except (ImportError, TypeError, AttributeError):
+            self._config = None
+            return
+        self._enable, self._disable = _enable_profiler_legacy, _disable_profiler_legacy
+
+    def available(self) -> bool:
+        return self._config is not None
+
+    def start(self) -> bool:
+        """Whether it started: not where a profiler runs already (the caller's comes first)."""
+        if torch._C._autograd._profiler_enabled():
+            return False
+        self._enable(self._config)
+        return True
+
+    def stop(self) -> int:
+        """Ends what `start` began; the call's scratch in bytes."""
+        events = [e for thread in self._disable(self._options) for e in thread if e.kind() == "memory_alloc"]
+        live = peak = 0
+        for e in sorted(events, key=lambda e: e.start_us()):  # (a stable sort: one thread's stay in order)
+            live += e.cpu_memory_usage()  # negative for a free
+            peak = max(peak, live)
+        return peak - live
+
+
 class StorageTracker(TorchDispatchMode):
     """Counts the live bytes of storages allocated on `device` while active.
 
@@ -139,6 +185,8 @@ class StorageTracker(TorchDispatchMode):
         self.tick = 0
         self.op_ms = 0.0  # time of the last operator call
         self.watch_scratch = self.device.type == "cuda" and torch.cuda.is_available()
+        self.cpu_scratch = _CpuScratch() if self.device.type == "cpu" else None
+        self.watch_cpu_scratch = self.cpu_scratch is not None and self.cpu_scratch.available()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -148,11 +196,15 @@ class StorageTracker(TorchDispatchMode):
         if self.watch_scratch:
             torch.cuda.reset_peak_memory_stats(self.device)
             torch.cuda.synchronize(self.device)  # the clock sees this operator's kernels, not those queued before
-        start = time.perf_counter()
-        out = func(*args, **kwargs)
-        if self.watch_scratch:
-            torch.cuda.synchronize(self.device)
-        self.op_ms = (time.perf_counter() - start) * 1e3
+        cpu_scratch = self.watch_cpu_scratch and self.cpu_scratch.start()
+        try:
+            start = time.perf_counter()
+            out = func(*args, **kwargs)
+            if self.watch_scratch:
+                torch.cuda.synchronize(self.device)
+            self.op_ms = (time.perf_counter() - start) * 1e3
+        finally:
+            scratch = self.cpu_scratch.stop() if cpu_scratch else 0
         self.tick += 1
         ins = op_tensors((*args, *kwargs.values()))
         outs = op_tensors(out if isinstance(out, (list, tuple)) else (out,))
@@ -167,6 +219,8 @@ class StorageTracker(TorchDispatchMode):
         self.on_op(func, args, kwargs, out, ins, outs, inputs, new)
         if self.watch_scratch:
             self._scratch(torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device))
+        elif cpu_scratch:
+            self._scratch(scratch)
         return out
 
     def __enter__(self):

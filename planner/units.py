@@ -9,43 +9,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
 UnitSpec = Sequence[str | type[nn.Module]] | None
 
 
-def default_units(model: nn.Module) -> list[str]:
-    """The model's top-level parts, with containers opened up.
-
-    The children of the root are units, except containers (Sequential,
-    ModuleList, ModuleDict), whose own children are taken instead, level by
-    level. A ResNet gives its stem layers and every residual block, a GPT
-    its embeddings, every transformer block and its head; a model with no
-    children is one unit.
-    """
-    names: list[str] = []
-
-    def visit(prefix: str, module: nn.Module) -> None:
-        for name, child in module.named_children():
-            qualified = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, CONTAINERS):
-                visit(qualified, child)
-            else:
-                names.append(qualified)
-
-    visit("", model)
-    return names or [""]
-
-
-def select_units(model: nn.Module, spec: UnitSpec = None) -> list[str]:
+def select_units(model: nn.Module, spec: Sequence[str | type[nn.Module]]) -> list[str]:
     """Names of the modules that are units, outermost first in module order.
 
     `spec` lists module classes, class names or glob patterns over qualified
     names ("blocks.*", "*.attn"); a module matching any entry is a unit, and
-    a match inside another match is not. None gives `default_units`.
+    a match inside another match is not. (With no spec, `planner.survey`
+    chooses the units.)
     """
-    if spec is None:
-        return default_units(model)
     chosen: list[str] = []
     for name, module in model.named_modules():
         if any(name == c or name.startswith(c + ".") for c in chosen if c):

@@ -8,9 +8,12 @@ a port behind, whatever a rank does.
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -206,3 +209,20 @@ def test_a_hung_run_stops_at_the_timeout():
         launch(sleep, WORLD_SIZE, timeout_s=5)
     assert time.monotonic() - start < 30
     assert not multiprocessing.active_children()
+
+
+def test_auto_in_a_torchrun_script_applies_one_plan_on_every_rank(tmp_path):
+    pytest.importorskip("transformers")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD_SIZE),
+               "--master-addr", "127.0.0.1", "--master-port", str(port), "tests/torchrun_auto.py", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    assert records[0]["plan"] == records[1]["plan"]
+    assert any(u["action"] != "keep" for u in records[0]["plan"]["units"])
+    assert all(r["measured"] <= r["plan"]["budget_bytes"] for r in records)

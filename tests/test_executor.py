@@ -41,7 +41,7 @@ _SMALLEST: dict[int, int] = {}  # id of a cached graph -> its smallest feasible 
 
 def smallest_budget(graph) -> int:
     if id(graph) not in _SMALLEST:
-        _SMALLEST[id(graph)] = min_peak(build_problem(graph, 0), 10.0)[0]
+        _SMALLEST[id(graph)] = min_peak(build_problem(graph, 0, offload=False), 10.0)[0]  # no offload on a CPU
     return _SMALLEST[id(graph)]
 
 
@@ -87,6 +87,8 @@ def assert_identical(a, b):
 def test_planned_steps_are_bit_identical(name):
     w, graph = profiled(name)
     plan = planner.plan(graph, smallest_budget(graph))  # the plan that changes the most
+    if not plan.choices:  # no plan lowers the peak (lstm's is its own backward's scratch): recompute every unit
+        plan = planner.plan(graph, 2 * plan.unplanned_peak_bytes, solver="all")
     assert plan.choices
     reference = train(load_scenario(name).build(), 3)
     assert_identical(reference, train(w, 3, plan))

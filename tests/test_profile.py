@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -44,8 +46,13 @@ def test_meta_profile_predicts_the_same_memory(name):
     assert not meta.measured_times and real.measured_times
     assert [u.key for u in meta.units] == [u.key for u in real.units]
     assert [u.saved_bytes for u in meta.units] == [u.saved_bytes for u in real.units]
-    assert simulate(meta).peak_bytes == simulate(real).peak_bytes
+    assert simulate(meta).peak_bytes == simulate(without_scratch(real)).peak_bytes
     assert meta.step_ms > 0
+
+
+def without_scratch(graph):
+    """The profile with the operators' scratch left out: the meta device has none (a CPU's oneDNN kernels do)."""
+    return dataclasses.replace(graph, blocks=tuple(dataclasses.replace(b, bytes=0) if b.scratch else b for b in graph.blocks))
 
 
 def snapshot(model, optimizer):

@@ -1,0 +1,106 @@
+"""Small models the project did not write, built from configs with random weights (nothing downloaded).
+
+Each entry builds (model, batch): a Hugging Face transformers model whose forward computes its own
+loss from `labels`, or torch's own nn.Transformer inside a small language model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VOCAB = 1000
+
+
+def _tokens(batch: int, length: int, mask: bool = False) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (batch, length))
+    inputs = {"input_ids": ids}
+    if mask:  # the second half of every sequence but the first is padding
+        attention = torch.ones(batch, length, dtype=torch.long)
+        attention[1:, length // 2 :] = 0
+        inputs["attention_mask"] = attention
+    return inputs
+
+
+def gpt2():
+    import transformers as hf
+
+    config = hf.GPT2Config(n_layer=4, n_embd=128, n_head=4, n_positions=256, vocab_size=VOCAB,
+                           bos_token_id=0, eos_token_id=0, use_cache=False)
+    batch = _tokens(4, 128)
+    return hf.GPT2LMHeadModel(config), {**batch, "labels": batch["input_ids"]}
+
+
+def llama():
+    import transformers as hf
+
+    config = hf.LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0,
+                            pad_token_id=0, use_cache=False)
+    batch = _tokens(4, 128)
+    return hf.LlamaForCausalLM(config), {**batch, "labels": batch["input_ids"]}
+
+
+def bert():
+    import transformers as hf
+
+    config = hf.BertConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                           vocab_size=VOCAB, num_labels=3)
+    return hf.BertForSequenceClassification(config), {**_tokens(8, 128, mask=True), "labels": torch.randint(0, 3, (8,))}
+
+
+def t5():
+    import transformers as hf
+
+    config = hf.T5Config(d_model=128, d_ff=512, num_layers=3, num_decoder_layers=3, num_heads=4, d_kv=32,
+                         vocab_size=VOCAB, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, use_cache=False)
+    return hf.T5ForConditionalGeneration(config), {**_tokens(4, 128), "labels": torch.randint(2, VOCAB, (4, 64))}
+
+
+def vit():
+    import transformers as hf
+
+    config = hf.ViTConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                          image_size=64, patch_size=8, num_labels=10, hidden_dropout_prob=0.1)
+    return hf.ViTForImageClassification(config), {"pixel_values": torch.randn(8, 3, 64, 64), "labels": torch.randint(0, 10, (8,))}
+
+
+def convnext():
+    import transformers as hf
+
+    config = hf.ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[3, 3, 3, 3], num_labels=10, image_size=64)
+    return hf.ConvNextForImageClassification(config), {"pixel_values": torch.randn(8, 3, 64, 64), "labels": torch.randint(0, 10, (8,))}
+
+
+def resnet():
+    import transformers as hf
+
+    config = hf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10)
+    return hf.ResNetForImageClassification(config), {"pixel_values": torch.randn(8, 3, 64, 64), "labels": torch.randint(0, 10, (8,))}
+
+
+class TransformerLM(nn.Module):
+    """torch's nn.Transformer between an embedding and a head; returns logits."""
+
+    def __init__(self, d_model: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d_model)
+        self.transformer = nn.Transformer(d_model, 4, 2, 2, 512, batch_first=True)
+        self.head = nn.Linear(d_model, VOCAB)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.head(self.transformer(self.embed(src), self.embed(tgt)))
+
+
+def nn_transformer():
+    return TransformerLM(), (torch.randint(0, VOCAB, (4, 128)), torch.randint(0, VOCAB, (4, 128)))
+
+
+def lm_loss(logits: torch.Tensor) -> torch.Tensor:
+    """A loss for TransformerLM's logits: predicting token ids drawn once."""
+    target = torch.randint(0, VOCAB, logits.shape[:-1], generator=torch.Generator().manual_seed(0))
+    return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+MODELS = {"gpt2": gpt2, "llama": llama, "bert": bert, "t5": t5, "vit": vit, "convnext": convnext, "resnet": resnet, "nn_transformer": nn_transformer}
+LOSSES = {"nn_transformer": lm_loss}  # the others compute their own loss from labels
