@@ -126,6 +126,13 @@ def _add_plan_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     )
     p.add_argument("--solver", default="auto", help="ilp, dp, greedy, none, all or sqrt (default: auto)")
     p.add_argument("--time-limit", type=float, default=10.0, metavar="S", help="solver time limit in seconds")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        default=None,
+        help="allow offloading to host memory on --device cpu too, where the host is the device and it frees "
+        "nothing (to try the mechanics); elsewhere it is allowed anyway",
+    )
 
 
 def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -211,7 +218,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         plan, graph = run_job(plan_rank, ranks[0], _rank_job(args, ranks[1]), args.timeout)[0]
     else:
         _, graph = _profiled(args)
-        plan = planner.plan(graph, args.budget, solver=args.solver, time_limit_s=args.time_limit)
+        plan = planner.plan(graph, args.budget, **_solve(args))
     console.print(plan_table(plan, graph))
     console.print(plan_panel(plan))
     if args.out is not None:
@@ -227,6 +234,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     """Train under a plan (made now for --budget, or read from --plan) and compare with the prediction."""
     import planner
+    from planner.planning import hold
     from planner.training import train_and_measure
 
     if (args.budget is None) == (args.plan is None):
@@ -243,10 +251,17 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     if args.plan is not None:
         plan = planner.load_plan(args.plan)
     else:
-        plan = planner.plan(graph, args.budget, solver=args.solver, time_limit_s=args.time_limit)
+        plan = planner.plan(graph, args.budget, **_solve(args))
+    step = {"loss_fn": workload.loss_closure(), "optimizer": workload.optimizer, "autocast_dtype": workload.autocast_dtype}
+    with hold(workload.model, graph, plan, workload.batch, solve=_solve(args), **step) as checked:
+        plan = checked.plan  # the first planned step held the budget, planned again if it had not
     report = train_and_measure(workload, plan, args.steps, console)
     console.print(report)
     return 0
+
+
+def _solve(args: argparse.Namespace) -> dict:
+    return {"solver": args.solver, "time_limit_s": args.time_limit, "offload": args.offload}
 
 
 def _parallel(args: argparse.Namespace) -> tuple[int, str] | None:
@@ -284,6 +299,7 @@ def _rank_job(args: argparse.Namespace, sharding: str):
         plan_path=getattr(args, "plan", None),
         solver=args.solver,
         time_limit_s=args.time_limit,
+        offload=args.offload,
         steps=getattr(args, "steps", 1),
     )
 

@@ -439,6 +439,7 @@ class RankJob:
     plan_path: str | None = None  # a saved plan, instead of solving for `budget`
     solver: str = "auto"
     time_limit_s: float = 10.0
+    offload: bool | None = None  # as `planner.plan` takes it
     steps: int = 5
     seed: int = 0
 
@@ -491,7 +492,11 @@ def _job_plan(job: RankJob, graph: ProfiledGraph):
         return load_plan(job.plan_path)
     if job.budget is None:
         raise ValueError("give a budget or a plan file")
-    return plan_ranks(graph, job.budget, solver=job.solver, time_limit_s=job.time_limit_s)
+    return plan_ranks(graph, job.budget, **_solve(job))
+
+
+def _solve(job: RankJob) -> dict[str, Any]:
+    return {"solver": job.solver, "time_limit_s": job.time_limit_s, "offload": job.offload}
 
 
 def plan_rank(rank: int, world_size: int, job: RankJob):
@@ -503,14 +508,17 @@ def plan_rank(rank: int, world_size: int, job: RankJob):
 
 
 def train_rank(rank: int, world_size: int, job: RankJob) -> RankReport:
-    """Profile, plan, measure the unplanned step, train `job.steps` steps under the plan and measure it."""
+    """Profile, plan (checked on a first planned step, `planner.planning.hold`), measure the unplanned
+    step, train `job.steps` steps under the plan and measure it."""
     from planner.executor import apply
+    from planner.planning import hold
     from planner.step import train_step
 
     w, wrapped = rank_workload(job, rank)
     step = _step_args(w)
     graph = profile_rank(wrapped, w.batch, **step)
-    plan = _job_plan(job, graph)
+    with hold(wrapped.module, graph, _job_plan(job, graph), w.batch, solve=_solve(job), **step) as checked:
+        plan = checked.plan
     unplanned = measure_rank(wrapped, w.batch, steps=job.steps, **step)
     with apply(wrapped.module, plan):
         times = []

@@ -183,17 +183,12 @@ def auto(
         handle = planner.auto(model, batch, "60%", loss_fn=loss_fn, optimizer=opt)
         handle = planner.auto(model, budget="6GiB", step=my_step, optimizer=opt)   # a step of your own
 
-    With `check` (the default), one planned step is measured before returning (the model, the
-    optimizer and the random number generators are left as they were): its peak (live storages on a
-    CPU, what the allocator reserves on CUDA) is compared with the budget. Where it is over, a step
-    with every unit recomputed on its own finds the units whose replays leave memory behind, and
-    the plan is made again without recomputing them, or, if there are none, with the excess kept
-    free (a warning says so), up to MAX_REPLANS times; then BudgetExceeded. `handle.measured` is the last measurement. Under torch.distributed every
-    rank calls it: one rank chooses the units and solves, and every rank applies the same plan.
+    With `check` (the default), one planned step is measured before returning (see `hold`).
+    Under torch.distributed every rank calls it: one rank chooses the units and solves, and every
+    rank applies the same plan.
     """
-    from planner.distributed import agreed_plan, agreed_union, agreed_units, worst_peak
+    from planner.distributed import agreed_plan, agreed_units
     from planner.executor import apply
-    from planner.measurement import measure, replays_left_behind
     from planner.profiler import profile, unit_names
 
     if budget is None:
@@ -203,19 +198,43 @@ def auto(
     graph = profile(model, example_batch, units=names, **step_args)
     solve = {"solver": solver, "time_limit_s": time_limit_s, "offload": offload}
     chosen = agreed_plan(graph, budget, **solve)
+    if not check:
+        return apply(model, chosen)
+    return hold(model, graph, chosen, example_batch, **step_args, solve=solve)
+
+
+def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve: dict | None = None, **step_args):
+    """Apply `chosen` (a plan for `graph`) and measure one planned step (the model, the optimizer and
+    the random number generators are left as they were); returns the handle, `handle.measured` the
+    measurement.
+
+    The step's peak (live storages on a CPU, what the allocator reserves on CUDA) is compared with
+    the plan's budget. Where it is over, a step with every unit recomputed on its own finds the
+    units whose replays leave memory behind, and the plan is made again (`plan(graph, budget,
+    **solve)`) without recomputing them, or, if there are none, with the excess kept free (a warning
+    says so), up to MAX_REPLANS times; then BudgetExceeded. `step_args` are the step's `loss_fn`,
+    `optimizer`, `step` and `autocast_dtype`, as `profile` takes them. Collective under
+    torch.distributed.
+    """
+    from planner.distributed import agreed_plan, agreed_union, worst_peak
+    from planner.executor import apply
+    from planner.measurement import measure, replays_left_behind
+
+    solve = solve or {}
+    optimizer = step_args.get("optimizer")
     for attempt in range(MAX_REPLANS + 1):
         handle = apply(model, chosen)
-        if not check:
-            return handle
         warmup = int(optimizer is not None and not optimizer.state)  # the checked step is a steady one
         handle.measured = measure(model, example_batch, steps=0, warmup=warmup, **step_args)
         peak = worst_peak(max(handle.measured.peak_bytes, handle.measured.reserved_bytes or 0))
-        if peak <= chosen.budget_bytes or attempt == MAX_REPLANS:
-            break
+        if peak <= chosen.budget_bytes:
+            return handle
         handle.remove()
-        with apply(model, agreed_plan(graph, chosen.unplanned_peak_bytes, solver="all", offload=False)) as probe:
-            left = sorted(agreed_union(replays_left_behind(probe, example_batch, **step_args)))
         over = f"the planned step measured {format_bytes(peak)}, over the budget of {format_bytes(chosen.budget_bytes)}"
+        if attempt == MAX_REPLANS:
+            break
+        with apply(model, agreed_plan(graph, 2 * chosen.unplanned_peak_bytes, solver="all", offload=False)) as probe:
+            left = sorted(agreed_union(replays_left_behind(probe, example_batch, **step_args)))
         if left:
             why = f"replays of {', '.join(graph.units[u].key for u in left)} left memory behind"
             log.warning("%s: %s, so they are not recomputed; planning again", over, why)
@@ -227,13 +246,7 @@ def auto(
             log.warning("%s (predicted %s); planning again with %s kept free", over,
                         format_bytes(chosen.predicted_peak_bytes), format_bytes(margin))
         try:
-            chosen = agreed_plan(graph, budget, margin_bytes=margin, **solve)
+            chosen = agreed_plan(graph, chosen.budget_bytes, margin_bytes=margin, **solve)
         except InfeasibleBudget as err:
             raise InfeasibleBudget(f"{over}, and {why}: {err}", err.smallest_bytes) from None
-    if peak <= chosen.budget_bytes:
-        return handle
-    handle.remove()
-    raise BudgetExceeded(
-        f"the planned step measured {format_bytes(peak)}, over the budget of {format_bytes(chosen.budget_bytes)}, "
-        f"after planning {MAX_REPLANS} more times; give a smaller budget"
-    )
+    raise BudgetExceeded(f"{over}, after planning {MAX_REPLANS} more times; give a smaller budget")
