@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -257,3 +261,21 @@ def test_plans_on_a_cpu_pay_the_copies_and_the_executor():
     region = Semantics(graph, rates).effect(Choice(Action.RECOMPUTE, (5,)))
     replay = graph.units[5].fwd_ms
     assert region.extra_ms == pytest.approx(m.region_ms + m.region_storage_ms * len(region.releases) + replay)
+
+
+def test_the_high_water_mark_sees_what_the_tracker_and_the_prediction_see():
+    """Live-storage tracking misses memory allocated outside the dispatcher (an operator's scratch,
+    NumPy buffers); the process's high-water mark does not. Both agree with the prediction."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-m", "tests.high_water"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["recomputed"] > 0
+    for step in ("unplanned", "planned"):
+        r = result[step]
+        assert abs(r["high_water"] - r["live"]) <= 0.02 * r["live"], (step, r)
+        assert abs(r["predicted"] - r["live"]) <= 0.02 * r["live"], (step, r)
+    assert result["planned"]["live"] <= result["budget"]
+    assert result["planned"]["high_water"] <= result["budget"] + result["unplanned"]["high_water"] - result["unplanned"]["live"]

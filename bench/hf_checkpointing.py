@@ -1,0 +1,243 @@
+"""The planner against Hugging Face's own activation checkpointing, measured side by side on the CPU.
+
+    python -m bench.hf_checkpointing                  # GPT-2 6x256 and LLaMA 4x256 (writes bench/hf_checkpointing.json)
+    python -m bench.hf_checkpointing --models gpt2 --steps 5
+
+Per model (random weights from a config, AdamW), in one process: no checkpointing; Hugging Face's
+checkpointing of every layer and of every second and third layer (`every_n_layers`); the planner
+(`planner.auto`, no units named) at each of their measured peaks, and at fixed memory + 50% of the
+activations. Each method is measured on the loop as a user writes it (`loss = model(**batch).loss;
+loss.backward(); optimizer.step(); optimizer.zero_grad()`): its peak by live storages, and its step
+time as the median of --steps steps, each after a step of no checkpointing, over the median of
+those. The peak is measured a second way in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536
+(so that freed tensors go back to the system): the rise of the process's high-water mark over a
+steady-state step, plans read from the files the first process wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import planner
+from planner.graph import Category
+from planner.measurement import high_water_mark
+from planner.profiler import preserved
+from planner.step import timed_ms
+from planner.tracking import StorageTracker, tensors_in
+from solvers.plan import Plan
+
+HF_EVERY = (1, 2, 3)  # Hugging Face's every_n_layers
+# Sequences of 512 tokens and a vocabulary of 8192: activations outweigh the logits, as in full-size
+# models (with GPT-2's 50,257 tokens at 256 dimensions, the loss's logits-sized tensors set the peak).
+BATCH, LENGTH, VOCAB = 4, 512, 8192
+
+
+def gpt2():
+    import transformers as hf
+
+    config = hf.GPT2Config(n_layer=6, n_embd=256, n_head=8, n_positions=1024, vocab_size=VOCAB, use_cache=False)
+    return hf.GPT2LMHeadModel(config), _tokens()
+
+
+def llama():
+    import transformers as hf
+
+    config = hf.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                            num_key_value_heads=4, vocab_size=VOCAB, use_cache=False)
+    return hf.LlamaForCausalLM(config), _tokens()
+
+
+def _tokens() -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "labels": ids}
+
+
+MODELS = {"gpt2": gpt2, "llama": llama}
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    model, batch = MODELS[name]()
+    return model, batch, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def user_step(model, batch, optimizer) -> None:
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def peak_bytes(model, batch, optimizer) -> tuple[int, int | None]:
+    """(live storages, rise of the high-water mark) of a steady-state step of the user's loop, both
+    with what existed before it; the model and optimizer are left as they were."""
+    with preserved(model, optimizer):
+        user_step(model, batch, optimizer)
+        existing = [*model.parameters(), *model.buffers(), *tensors_in(optimizer.state), *tensors_in(batch)]
+        before = sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in existing}.values())
+        tracker = StorageTracker("cpu", existing)
+        with high_water_mark() as rise, tracker:
+            user_step(model, batch, optimizer)
+        tracker.stop_tracking()
+    return before + tracker.peak_bytes, None if rise() is None else before + rise()
+
+
+def hf_checkpointing(model, every: int | None) -> None:
+    """Hugging Face's checkpointing of every `every`-th layer, or none."""
+    if every is None:
+        model.gradient_checkpointing_disable()
+    elif hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(every_n_layers=every)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+class Method:
+    """Something that changes how the model trains: `on()` and `off()` switch it."""
+
+    def __init__(self, name: str, on, off, plan=None) -> None:
+        self.name, self.on, self.off, self.plan = name, on, off, plan
+
+
+def hf_method(model, every: int) -> Method:
+    label = "every layer" if every == 1 else f"every_n_layers={every}"
+    return Method(f"HF checkpointing, {label}", lambda: hf_checkpointing(model, every), lambda: hf_checkpointing(model, None))
+
+
+def plan_method(model, plan, label: str) -> Method:
+    handle = planner.apply(model, plan)
+    handle.remove()
+    return Method(f"planner at {label}", handle.install, handle.remove, plan)
+
+
+def measure(name: str, steps: int) -> dict:
+    model, batch, optimizer = build(name)
+    started = time.perf_counter()
+    graph = planner.profile(model, batch, optimizer=optimizer)
+    unplanned, _ = peak_bytes(model, batch, optimizer)
+    grads = sum(b.bytes for b in graph.blocks if b.category is Category.GRADIENTS)
+    fixed = graph.fixed.total + grads
+    methods = [hf_method(model, every) for every in HF_EVERY if every == 1 or hasattr(model, "activation_checkpointing_enable")]
+    rows = [{"method": "no checkpointing", "peak_bytes": unplanned, "predicted_bytes": planner.simulate(graph).peak_bytes}]
+    budgets = []
+    for method in methods:
+        method.on()
+        rows.append({"method": method.name, "peak_bytes": peak_bytes(model, batch, optimizer)[0]})
+        method.off()
+        budgets.append((rows[-1]["peak_bytes"], f"{method.name}'s peak"))
+    budgets.append((int(fixed + 0.5 * (unplanned - fixed)), "fixed + 50% of activations"))
+    for budget, label in budgets:
+        try:
+            handle = planner.auto(model, batch, budget, optimizer=optimizer)
+        except ValueError as err:
+            rows.append({"method": f"planner at {label}", "budget_bytes": budget, "refused": str(err)})
+            continue
+        handle.remove()
+        methods.append(plan_method(model, handle.plan, label))
+        method = methods[-1]
+        method.on()
+        rows.append({
+            "method": method.name, "budget_bytes": budget, "peak_bytes": peak_bytes(model, batch, optimizer)[0],
+            "predicted_bytes": handle.plan.predicted_peak_bytes, "predicted_overhead": handle.plan.overhead_pct / 100,
+            "plan": _summary(handle.plan),
+        })
+        method.off()
+    by_name = {r["method"]: r for r in rows}
+    for method in methods:
+        by_name[method.name]["step_ratio"] = step_ratio(model, batch, optimizer, method, steps)
+    return {"model": name, "units": len(graph.units), "fixed_bytes": fixed, "rows": rows,
+            "plans": {m.name: m.plan.to_dict() for m in methods if m.plan is not None},
+            "seconds": time.perf_counter() - started}
+
+
+def step_ratio(model, batch, optimizer, method: Method, steps: int) -> float:
+    """Median step time under `method` over the median of the unplanned steps taken in turns with it."""
+    plain, under = [], []
+    with preserved(model, optimizer):
+        user_step(model, batch, optimizer)  # warm-up
+        for _ in range(steps):
+            plain.append(timed_ms(lambda: user_step(model, batch, optimizer), torch.device("cpu")))
+            method.on()
+            under.append(timed_ms(lambda: user_step(model, batch, optimizer), torch.device("cpu")))
+            method.off()
+    return statistics.median(under) / statistics.median(plain)
+
+
+def _summary(plan) -> str:
+    regions = sum(c.action.value == "recompute" for c in plan.choices)
+    kept = sorted({op.split(".")[-1] for c in plan.choices for op in c.save_ops})
+    return f"{regions} region{'s' if regions != 1 else ''}" + (f", keeping {', '.join(kept)}" if kept else "")
+
+
+def high_water_marks(result: dict, directory: Path) -> None:
+    """Each method's peak measured again by the high-water mark, in a fresh process per method."""
+    path = directory / f"{result['model']}.json"
+    path.write_text(json.dumps(result))
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for row in result["rows"]:
+        if "peak_bytes" not in row:
+            continue
+        out = subprocess.run([sys.executable, "-m", "bench.hf_checkpointing", "--hwm", str(path), row["method"]],
+                             env=env, capture_output=True, text=True, check=True).stdout
+        row["hwm_bytes"] = int(out.split()[-1])
+
+
+def hwm_of(path: Path, method_name: str) -> int:
+    result = json.loads(path.read_text())
+    model, batch, optimizer = build(result["model"])
+    if method_name in result["plans"]:
+        planner.apply(model, Plan.from_dict(result["plans"][method_name]))
+    elif method_name.startswith("HF"):
+        every = 1 if "every layer" in method_name else int(method_name.rsplit("=", 1)[1])
+        hf_checkpointing(model, every)
+    return peak_bytes(model, batch, optimizer)[1]
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | method | peak MiB (live / high-water) | predicted MiB | step time × | plan |", "|---|---|---|---|---|---|"]
+    for result in results:
+        for row in result["rows"]:
+            mib = lambda key: f"{row[key] / 2**20:.1f}" if row.get(key) is not None else "—"  # noqa: E731
+            if "refused" in row:
+                lines.append(f"| {result['model']} | {row['method']} | refused | | | {row['refused'][:120]} |")
+                continue
+            ratio = f"{row['step_ratio']:.2f}" if "step_ratio" in row else "1.00"
+            lines.append(f"| {result['model']} | {row['method']} | {mib('peak_bytes')} / {mib('hwm_bytes')} | "
+                         f"{mib('predicted_bytes')} | {ratio} | {row.get('plan', '')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path("bench/hf_checkpointing.json"))
+    parser.add_argument("--hwm", nargs=2, metavar=("RESULT", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hwm:
+        print(hwm_of(Path(args.hwm[0]), args.hwm[1]))
+        return
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results = []
+    with tempfile.TemporaryDirectory() as directory:
+        for name in args.models.split(","):
+            result = measure(name, args.steps)
+            high_water_marks(result, Path(directory))
+            results.append(result)
+            print(table([result]), flush=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

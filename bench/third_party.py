@@ -1,0 +1,142 @@
+"""`planner.auto` with no units named, on models the project did not write (tests/third_party.py).
+
+    python -m bench.third_party                   # writes bench/third_party.json
+
+Per model: the predicted and measured peak of the unplanned step, then `planner.auto` at fixed
+memory (parameters, gradients, optimizer state, buffers, the batch) + 50% of the measured
+activations, and the planned step's predicted and measured peak and overhead. Peaks are measured
+on the loop as a user writes it, by live storages in this process and by the rise of the
+high-water mark in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536; overhead is the
+median of 7 planned steps over the median of 7 unplanned ones taken in turns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import planner
+from planner.graph import Category
+from planner.measurement import high_water_mark
+from planner.profiler import preserved
+from planner.step import timed_ms
+from planner.tracking import StorageTracker, tensors_in
+from solvers.plan import Plan
+from tests.third_party import LOSSES, MODELS
+
+STEPS = 7
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    model, batch = MODELS[name]()
+    return model, batch, torch.optim.AdamW(model.parameters(), lr=1e-3), LOSSES.get(name)
+
+
+def user_step(model, batch, optimizer, loss_fn) -> None:
+    output = model(**batch) if isinstance(batch, dict) else model(*batch)
+    loss = output.loss if loss_fn is None else loss_fn(output)
+    del output
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def peaks(model, batch, optimizer, loss_fn) -> tuple[int, int | None]:
+    """(live storages, rise of the high-water mark) of a steady-state step, with what existed before it."""
+    with preserved(model, optimizer):
+        user_step(model, batch, optimizer, loss_fn)
+        existing = [*model.parameters(), *model.buffers(), *tensors_in(optimizer.state), *tensors_in(batch)]
+        before = sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in existing}.values())
+        tracker = StorageTracker("cpu", existing)
+        with high_water_mark() as rise, tracker:
+            user_step(model, batch, optimizer, loss_fn)
+        tracker.stop_tracking()
+    return before + tracker.peak_bytes, None if rise() is None else before + rise()
+
+
+def overhead(model, batch, optimizer, loss_fn, handle) -> float:
+    plain, planned = [], []
+    with preserved(model, optimizer):
+        user_step(model, batch, optimizer, loss_fn)
+        for _ in range(STEPS):
+            handle.remove()
+            plain.append(timed_ms(lambda: user_step(model, batch, optimizer, loss_fn), torch.device("cpu")))
+            handle.install()
+            planned.append(timed_ms(lambda: user_step(model, batch, optimizer, loss_fn), torch.device("cpu")))
+    return statistics.median(planned) / statistics.median(plain) - 1
+
+
+def measure(name: str, directory: Path) -> dict:
+    model, batch, optimizer, loss_fn = build(name)
+    graph = planner.profile(model, batch, loss_fn=loss_fn, optimizer=optimizer)
+    unplanned, _ = peaks(model, batch, optimizer, loss_fn)
+    fixed = graph.fixed.total + sum(b.bytes for b in graph.blocks if b.category is Category.GRADIENTS)
+    budget = int(fixed + 0.5 * (unplanned - fixed))
+    row = {"model": name, "units": len(graph.units), "unplanned_predicted": planner.simulate(graph).peak_bytes,
+           "unplanned": unplanned, "unplanned_hwm": hwm(name, None, directory), "fixed": fixed, "budget": budget}
+    try:
+        handle = planner.auto(model, batch, budget, loss_fn=loss_fn, optimizer=optimizer)
+    except ValueError as err:
+        return {**row, "refused": str(err)}
+    planned, _ = peaks(model, batch, optimizer, loss_fn)
+    regions = sum(c.action.value == "recompute" for c in handle.plan.choices)
+    return {**row, "planned_predicted": handle.plan.predicted_peak_bytes, "planned": planned,
+            "planned_hwm": hwm(name, handle.plan, directory), "regions": regions,
+            "overhead_predicted": handle.plan.overhead_pct / 100,
+            "overhead": overhead(model, batch, optimizer, loss_fn, handle)}
+
+
+def hwm(name: str, plan: Plan | None, directory: Path) -> int:
+    """The step's peak by the high-water mark, in a fresh process (under `plan`, if any)."""
+    path = directory / f"{name}.yaml"
+    if plan is not None:
+        planner.save_plan(plan, path)
+    command = [sys.executable, "-m", "bench.third_party", name] + ([str(path)] if plan is not None else [])
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    return int(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+
+def _one_hwm(name: str, plan_path: str | None) -> int:
+    model, batch, optimizer, loss_fn = build(name)
+    if plan_path is not None:
+        planner.apply(model, planner.load_plan(plan_path))
+    return peaks(model, batch, optimizer, loss_fn)[1]
+
+
+def table(rows: list[dict]) -> str:
+    mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+    lines = [
+        "| model | units | unplanned: predicted / live / high-water MiB | budget MiB | planned: predicted / live / high-water MiB | overhead predicted / measured |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        unplanned = f"{mib(r['unplanned_predicted'])} / {mib(r['unplanned'])} / {mib(r['unplanned_hwm'])}"
+        if "refused" in r:
+            planned, cost = f"refused: {r['refused'].split(';')[-1].strip()}", ""
+        else:
+            planned = f"{mib(r['planned_predicted'])} / {mib(r['planned'])} / {mib(r['planned_hwm'])}"
+            cost = f"{100 * r['overhead_predicted']:+.0f}% / {100 * r['overhead']:+.0f}%"
+        lines.append(f"| {r['model']} | {r['units']} | {unplanned} | {mib(r['budget'])} | {planned} | {cost} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1:  # one high-water mark, in its own process
+        print(_one_hwm(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        rows = [measure(name, Path(directory)) for name in MODELS]
+    Path("bench/third_party.json").write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
