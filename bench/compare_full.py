@@ -18,8 +18,9 @@ from pathlib import Path
 from rich.console import Console
 
 from planner.compare import compare
-from planner.gpus import load_catalog
-from planner.report import comparison_table, format_bytes
+from planner.core.gpus import load_catalog
+from planner.core.sizes import format_bytes
+from planner.report import comparison_table
 from planner.scenario import load_scenario
 
 SCENARIOS = ("resnet", "gpt", "gpt7b")

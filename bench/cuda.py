@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 import planner
-from planner.actions import Action
-from planner.costmodel import roofline_for
-from planner.executor import host_copy_bytes_per_s
-from planner.graph import Category
+from planner.core.actions import Action
+from planner.core.gpus import roofline_for
+from planner.execution.calibration import host_copy_bytes_per_s
+from planner.core.graph import Category
 from planner.planning import InfeasibleBudget
 from planner.scenario import list_scenarios, load_scenario
-from planner.simulator import simulate
+from planner.core.simulator import simulate
 from planner.step import autocast
 from planner.training import run_under_plan
 from solvers import build_problem
@@ -51,7 +51,7 @@ def scenario_report(name: str, variant: str, device: str, steps: int, time_limit
         "variant": variant,
         "units": len(graph.units),
         "profile_s": profile_s,
-        "device_name": graph.meta.get("device_name"),
+        "device_name": graph.calibration.device_name,
         "predicted_unplanned_bytes": unplanned,
         "measured_unplanned_bytes": measured.peak_bytes,
         "reserved_unplanned_bytes": measured.reserved_bytes,

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 import planner
-from planner.graph import Category
+from planner.core.graph import Category
 from planner.measurement import high_water_mark
-from planner.profiler import preserved
+from planner.step import preserved
 from planner.step import timed_ms
 from planner.tracking import StorageTracker, tensors_in
-from solvers.plan import Plan
+from planner.core.plan import Plan
 
 HF_EVERY = (1, 2, 3)  # Hugging Face's every_n_layers
 # Sequences of 512 tokens and a vocabulary of 8192: activations outweigh the logits, as in full-size

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.actions import Action, Choice
+from planner.core.actions import Action, Choice
 from solvers.problem import MAX_SEGMENT_UNITS, Freed, Option, Problem, Row
 
 W = 6  # ticks per unit in each phase

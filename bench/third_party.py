@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 import planner
-from planner.graph import Category
+from planner.core.graph import Category
 from planner.measurement import high_water_mark
-from planner.profiler import preserved
+from planner.step import preserved
 from planner.step import timed_ms
 from planner.tracking import StorageTracker, tensors_in
-from solvers.plan import Plan
+from planner.core.plan import Plan
 from tests.third_party import LOSSES, MODELS
 
 STEPS = 7

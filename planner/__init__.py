@@ -16,17 +16,17 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "profile": "planner.profiler",
-    "simulate": "planner.simulator",
+    "profile": "planner.profiling",
+    "simulate": "planner.core.simulator",
     "measure": "planner.measurement",
     "load_scenario": "planner.scenario",
     "plan": "planner.planning",
     "auto": "planner.planning",
     "save_plan": "planner.planning",
     "load_plan": "planner.planning",
-    "apply": "planner.executor",
+    "apply": "planner.execution",
     "compare": "planner.compare",
-    "ProfiledGraph": "planner.graph",
+    "ProfiledGraph": "planner.core.graph",
     "Batch": "planner.step",
 }
 

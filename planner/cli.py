@@ -24,8 +24,8 @@ from rich.table import Table
 from rich.text import Text
 
 from planner.export import SUFFIXES, check_suffix
-from planner.graph import ProfiledGraph
-from planner.simulator import Simulation
+from planner.core.graph import ProfiledGraph
+from planner.core.simulator import Simulation
 
 if TYPE_CHECKING:
     from planner.workload import Workload
@@ -332,7 +332,7 @@ def _build_workload(args: argparse.Namespace) -> Workload:
 
 
 def _print_notes(console: Console, graph: ProfiledGraph) -> None:
-    from planner.report import format_bytes
+    from planner.core.sizes import format_bytes
 
     if not graph.measured_times:
         console.print(
@@ -365,8 +365,9 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import Progress
 
     from planner.compare import compare
-    from planner.gpus import find_gpus, load_catalog
-    from planner.report import comparison_table, format_bytes
+    from planner.core.gpus import find_gpus, load_catalog
+    from planner.core.sizes import format_bytes
+    from planner.report import comparison_table
     from planner.scenario import load_scenario
 
     for path, suffixes in ((args.export, SUFFIXES), (args.plot, (".png",))):

@@ -25,16 +25,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.batchscale import at_batch_size
-from planner.costmodel import REFERENCE, Roofline, retime
-from planner.gpus import GPU, find_gpus, load_catalog
-from planner.graph import ProfiledGraph
+from planner.core.batchscale import at_batch_size
+from planner.core.costmodel import REFERENCE, Roofline, retime
+from planner.core.gpus import GPU, find_gpus, load_catalog
+from planner.core.graph import ProfiledGraph
 from planner.planning import InfeasibleBudget, plan
 from planner.scenario import FAKE, Scenario, load_scenario
-from planner.simulator import simulate
+from planner.core.simulator import simulate
 from solvers import build_problem
 from solvers.ilp import min_peak
-from solvers.plan import Plan
+from planner.core.plan import Plan
 
 MAX_BATCH_LIMIT = 1 << 20  # the batch-size search stops here
 
@@ -162,7 +162,7 @@ class _Profiles:
 
     def graph(self, batch_size: int) -> ProfiledGraph:
         if batch_size not in self.graphs:
-            from planner.profiler import profile
+            from planner.profiling import profile
 
             w = self.scenario.build(self.variant, device=FAKE, batch_size=batch_size)
             graph = profile(w.model, w.batch, w.loss_closure(), w.optimizer, autocast_dtype=w.autocast_dtype)

@@ -36,10 +36,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from planner.graph import Category, FixedMemory, ProfiledGraph
+from planner.core.graph import Category, FixedMemory, ProfiledGraph
 from planner.measurement import Measurement, measure
-from planner.profiler import profile, unit_names
-from planner.simulator import simulate
+from planner.profiling import profile, unit_names
+from planner.core.simulator import simulate
 from planner.step import Batch, device_of
 from planner.tracking import StorageTracker, storage_key
 
@@ -227,7 +227,7 @@ class Wrapped:
 
 def wrap(model: nn.Module, sharding: str, units: Sequence[str]) -> Wrapped:
     """Wrap `model` for the process group in DDP or FSDP2 (collective: every rank calls it), with
-    the modules named `units` (`planner.profiler.unit_names`) as units.
+    the modules named `units` (`planner.profiling.unit_names`) as units.
 
     Under FSDP2 each unit that owns parameters no other unit shares gets its own `fully_shard`,
     then the root takes the rest (tied embeddings, units without a group of their own).
@@ -510,7 +510,7 @@ def plan_rank(rank: int, world_size: int, job: RankJob):
 def train_rank(rank: int, world_size: int, job: RankJob) -> RankReport:
     """Profile, plan (checked on a first planned step, `planner.planning.hold`), measure the unplanned
     step, train `job.steps` steps under the plan and measure it."""
-    from planner.executor import apply
+    from planner.execution import apply
     from planner.planning import hold
     from planner.step import train_step
 

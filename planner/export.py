@@ -3,7 +3,7 @@
     data = graph_to_dict(graph, simulate(graph))
     write(data, "resnet.yaml")          # or "resnet.json"
 
-Sizes are in bytes, times in ms, moments in ticks (see `planner.graph`). Blocks, the bulk of a
+Sizes are in bytes, times in ms, moments in ticks (see `planner.core.graph`). Blocks, the bulk of a
 profile, are stored as one list per block under `blocks.rows`, in the order `blocks.columns` names.
 """
 
@@ -21,8 +21,8 @@ from typing import IO, Any
 
 import yaml
 
-from planner.graph import Block, ProfiledGraph
-from planner.simulator import Simulation
+from planner.core.graph import Block, ProfiledGraph
+from planner.core.simulator import Simulation
 
 SUFFIXES = (".json", ".yaml", ".yml")
 BLOCK_COLUMNS = tuple(f.name for f in fields(Block))
@@ -46,7 +46,9 @@ def graph_to_dict(graph: ProfiledGraph, sim: Simulation | None = None) -> dict[s
         "units": [_plain(asdict(u)) for u in graph.units],
         "edges": [list(e) for e in graph.edges],
         "blocks": {"columns": list(BLOCK_COLUMNS), "rows": [_block_row(b) for b in graph.blocks]},
-        "meta": _plain(graph.meta),
+        "other": asdict(graph.other),
+        "calibration": _plain(asdict(graph.calibration)),
+        "forwards": graph.forwards,
     }
     if sim is not None:
         data["simulation"] = {

@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from planner.profiler import fixed_groups, fixed_bytes, preserved
-from planner.step import LossFn, StepFn, TrainingStep, timed_ms
-from planner.tracking import StorageTracker
+from planner.step import LossFn, StepFn, TrainingStep, preserved, timed_ms
+from planner.tracking import StorageTracker, fixed_bytes, fixed_groups
 
 
 @dataclass(frozen=True)
@@ -137,12 +136,12 @@ def replays_left_behind(handle, example_batch=None, loss_fn=None, optimizer=None
     train = TrainingStep.of(handle.model, example_batch, loss_fn, optimizer, autocast_dtype, step)
     groups = fixed_groups(train.model, train.batch, optimizer)
     watch = _ReplayWatch(train.device, [t for ts in groups.values() for t in ts])
-    handle.watch = watch.watch
+    handle.regions.watch = watch.watch
     try:
         with preserved(train.model, optimizer), watch:
             train()
     finally:
-        handle.watch = None
+        handle.regions.watch = None
     left = {watch.made_by[key].units for key in watch.live if key in watch.made_by}
     watch.stop_tracking()
     return {u for units in left for u in units}

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import yaml
 
-from planner.costmodel import Roofline, roofline_for
-from planner.graph import ProfiledGraph
-from planner.report import format_bytes, parse_bytes
-from planner.simulator import simulate
+from planner.core.costmodel import Roofline
+from planner.core.gpus import roofline_for
+from planner.core.graph import ProfiledGraph
+from planner.core.sizes import format_bytes, parse_budget
+from planner.core.simulator import simulate
 from solvers import auto_solver, build_problem, get_solver
-from solvers.base import Status
+from planner.core.plan import Status
 from solvers.ilp import min_peak
-from solvers.plan import Plan
+from planner.core.plan import Plan
 from solvers.problem import Problem
 
 log = logging.getLogger(__name__)
@@ -38,22 +39,6 @@ class InfeasibleBudget(ValueError):
 
     def __reduce__(self):  # it travels between processes (one rank solves for all)
         return type(self), (str(self), self.smallest_bytes)
-
-
-def parse_budget(budget: int | float | str, unplanned_peak_bytes: int) -> int:
-    """Bytes from a size ("6GiB", "6000MB", 123456) or a share of the unplanned peak ("60%")."""
-    if isinstance(budget, str) and budget.strip().endswith("%"):
-        number = budget.strip()[:-1].strip()
-        if not re.fullmatch(r"\d+(\.\d*)?|\.\d+", number) or float(number) <= 0:
-            raise ValueError(f"budget {budget!r}: a percentage must be a positive number followed by %, like 60%")
-        return int(unplanned_peak_bytes * float(number) / 100)
-    if isinstance(budget, bool):
-        raise ValueError(f"budget {budget!r} is not a size; give bytes, a size like 6GiB or a percentage like 60%")
-    if isinstance(budget, (int, float)):
-        if budget <= 0:
-            raise ValueError(f"budget {budget!r} must be positive; give bytes, a size like 6GiB or a percentage")
-        return int(budget)
-    return parse_bytes(budget)
 
 
 def plan(
@@ -188,8 +173,8 @@ def auto(
     rank applies the same plan.
     """
     from planner.distributed import agreed_plan, agreed_units
-    from planner.executor import apply
-    from planner.profiler import profile, unit_names
+    from planner.execution import apply
+    from planner.profiling import profile, unit_names
 
     if budget is None:
         raise ValueError("give a budget: bytes, a size like 6GiB or a share of the unplanned peak like 60%")
@@ -217,7 +202,7 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
     torch.distributed.
     """
     from planner.distributed import agreed_plan, agreed_union, worst_peak
-    from planner.executor import apply
+    from planner.execution import apply
     from planner.measurement import measure, replays_left_behind
 
     solve = solve or {}

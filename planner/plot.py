@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from planner.export import atomic_open, check_suffix
-from planner.graph import FIXED_CATEGORIES, Category, Phase, ProfiledGraph
-from planner.report import format_bytes
-from planner.simulator import Simulation
+from planner.core.graph import FIXED_CATEGORIES, Category, Phase, ProfiledGraph
+from planner.core.sizes import format_bytes
+from planner.core.simulator import Simulation
 
 if TYPE_CHECKING:  # compare imports torch; a plot needs only the results' fields
     from planner.compare import GpuResult

@@ -2,14 +2,10 @@
 
     console.print(units_table(graph))
     console.print(peak_panel(simulate(graph), measure(...)))
-    format_bytes(12_900_000)   # "12.3 MiB"
-    parse_bytes("1.5 GB")      # 1500000000
 """
 
 from __future__ import annotations
 
-import re
-from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from rich import box
@@ -18,58 +14,17 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from planner.graph import Category, ProfiledGraph
-from planner.simulator import Simulation
+from planner.core.graph import Category, ProfiledGraph
+from planner.core.sizes import format_bytes
+from planner.core.simulator import Simulation
 
 if TYPE_CHECKING:  # measurement imports torch; a report needs only its fields
     from planner.measurement import Measurement
     from planner.compare import GpuResult
-    from solvers.plan import Plan
+    from planner.core.plan import Plan
 
-_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-_FACTORS = {
-    "": 1, "b": 1,
-    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-}  # fmt: skip
-_SIZE = re.compile(r"^\s*(?P<number>[-+]?\d+(?:\.\d*)?|[-+]?\.\d+)\s*(?P<unit>[a-z]*)\s*$", re.IGNORECASE)
-_ACCEPTED = (
-    'a positive number of bytes ("123456") or a number with a unit: B, KB, MB, GB, TB (powers of 1000) '
-    'or KiB, MiB, GiB, TiB (powers of 1024), such as "6GiB", "6000MB" or "1.5 GB"'
-)
 # Relative errors of a prediction up to these shares read as good, then as fair; beyond, as poor.
 _GOOD_ERROR, _FAIR_ERROR = 0.05, 0.15
-
-
-def format_bytes(n: int) -> str:
-    """`n` bytes in binary units with three significant digits: "512 B", "12.3 MiB", "1.50 GiB"."""
-    sign, size = ("-" if n < 0 else ""), float(abs(n))
-    unit = 0
-    while round(size) >= 1024 and unit < len(_BINARY_UNITS) - 1:
-        size /= 1024
-        unit += 1
-    if unit == 0:
-        return f"{sign}{int(size)} B"
-    if round(size, 1) >= 100:  # three digits already: no decimals
-        return f"{sign}{size:.0f} {_BINARY_UNITS[unit]}"
-    digits = 1 if round(size, 2) >= 10 else 2
-    return f"{sign}{size:.{digits}f} {_BINARY_UNITS[unit]}"
-
-
-def parse_bytes(text: str) -> int:
-    """A size in bytes from text such as "6GiB", "6000MB", "1.5 GB" or "123456" (case-insensitive).
-
-    KB, MB, GB and TB are powers of 1000, KiB, MiB, GiB and TiB powers of 1024, a bare number is
-    bytes. Fractions are rounded to the nearest byte. ValueError, saying which forms are accepted,
-    for anything else, and for sizes that are zero or negative.
-    """
-    match = _SIZE.match(text) if isinstance(text, str) else None
-    if match is None or match["unit"].lower() not in _FACTORS:
-        raise ValueError(f"cannot read {text!r} as a size; expected {_ACCEPTED}")
-    size = round(Decimal(match["number"]) * _FACTORS[match["unit"].lower()])
-    if size <= 0:
-        raise ValueError(f"a size must be positive (at least one byte), got {text!r}; expected {_ACCEPTED}")
-    return int(size)
 
 
 # ------------------------------------------------------------------------------------------------ units

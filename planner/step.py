@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from planner.graph import Phase
+from planner.core.graph import Phase
+from planner.torch_internals import tree_map_only
 from planner.tracking import tensors_in
 
 
@@ -169,3 +170,35 @@ def timed_ms(fn: Callable[[], Any], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) * 1e3
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Restores parameters, buffers, gradients, optimizer state and RNG states on exit."""
+    tensors = [*model.parameters(), *model.buffers()]
+    saved = [_host_copy(t) for t in tensors]
+    grads = [p.grad for p in model.parameters()]
+    # copies on the host: a measured step must not count them (load_state_dict moves state back)
+    opt_state = tree_map_only(torch.Tensor, _host_copy, optimizer.state_dict()) if optimizer is not None else None
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    for p in model.parameters():
+        p.grad = None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, s in zip(tensors, saved):
+                t.copy_(s)
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
+        if optimizer is not None:
+            optimizer.state.clear()
+            optimizer.load_state_dict(opt_state)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True) if t.is_cuda else t.detach().clone()

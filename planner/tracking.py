@@ -26,15 +26,21 @@ to 0 is freed.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import fields, is_dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+
+from planner.core.graph import Category
+from planner.torch_internals import CpuScratch, TorchDispatchMode, is_wrapper_subclass, watching_storage_resizes
+
+if TYPE_CHECKING:  # the step builds on this module
+    from planner.step import Batch
 
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to this
 # Queries of a tensor's metadata that reach the dispatcher for fake tensors: no kernel, no memory.
@@ -101,7 +107,7 @@ def op_tensors(values: Iterable[Any]) -> list[torch.Tensor]:
 
 def storage_of(t: torch.Tensor) -> torch.UntypedStorage:
     """The storage that holds a tensor's memory; for a wrapper subclass (DTensor), its inner tensor's."""
-    while is_traceable_wrapper_subclass(t):
+    while is_wrapper_subclass(t):
         inner, _ = t.__tensor_flatten__()
         t = getattr(t, inner[0])
     return t.untyped_storage()
@@ -128,44 +134,6 @@ def allocated_bytes(nbytes: int, device: torch.device) -> int:
     return nbytes
 
 
-class _CpuScratch:
-    """The most bytes c10's CPU allocator holds during one operator call beyond what it holds when the
-    call returns, from the legacy autograd profiler's memory events (no kineto session: cheap, and
-    quiet). Unavailable where another profiler is running, or where this torch lacks the API."""
-
-    def __init__(self) -> None:
-        try:
-            from torch._C._autograd import _disable_profiler_legacy, _enable_profiler_legacy, _ProfilerDisableOptions
-            from torch.autograd.profiler import ProfilerConfig, ProfilerState, _ExperimentalConfig
-
-            # (state, report_input_shapes, profile_memory, with_stack, with_flops, with_modules, experimental)
-            self._config = ProfilerConfig(ProfilerState.CPU, False, True, False, False, False, _ExperimentalConfig())
-            self._options = _ProfilerDisableOptions(True, True)  # (cleanup thread-local state, consolidate)
-        except (ImportError, TypeError, AttributeError):
-            self._config = None
-            return
-        self._enable, self._disable = _enable_profiler_legacy, _disable_profiler_legacy
-
-    def available(self) -> bool:
-        return self._config is not None
-
-    def start(self) -> bool:
-        """Whether it started: not where a profiler runs already (the caller's comes first)."""
-        if torch._C._autograd._profiler_enabled():
-            return False
-        self._enable(self._config)
-        return True
-
-    def stop(self) -> int:
-        """Ends what `start` began; the call's scratch in bytes."""
-        events = [e for thread in self._disable(self._options) for e in thread if e.kind() == "memory_alloc"]
-        live = peak = 0
-        for e in sorted(events, key=lambda e: e.start_us()):  # (a stable sort: one thread's stay in order)
-            live += e.cpu_memory_usage()  # negative for a free
-            peak = max(peak, live)
-        return peak - live
-
-
 class StorageTracker(TorchDispatchMode):
     """Counts the live bytes of storages allocated on `device` while active.
 
@@ -185,7 +153,7 @@ class StorageTracker(TorchDispatchMode):
         self.tick = 0
         self.op_ms = 0.0  # time of the last operator call
         self.watch_scratch = self.device.type == "cuda" and torch.cuda.is_available()
-        self.cpu_scratch = _CpuScratch() if self.device.type == "cpu" else None
+        self.cpu_scratch = CpuScratch() if self.device.type == "cpu" else None
         self.watch_cpu_scratch = self.cpu_scratch is not None and self.cpu_scratch.available()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -224,22 +192,12 @@ class StorageTracker(TorchDispatchMode):
         return out
 
     def __enter__(self):
-        self._resize = torch.UntypedStorage.__dict__.get("resize_")
-        watched = self._resize or torch.UntypedStorage.resize_
-
-        def resize_(storage: torch.UntypedStorage, size: int):
-            out = watched(storage, size)
-            self._resized(storage)
-            return out
-
-        torch.UntypedStorage.resize_ = resize_
+        self._resizes = contextlib.ExitStack()
+        self._resizes.enter_context(watching_storage_resizes(self._resized))
         return super().__enter__()
 
     def __exit__(self, *exc):
-        if self._resize is None:
-            del torch.UntypedStorage.resize_
-        else:
-            torch.UntypedStorage.resize_ = self._resize
+        self._resizes.close()
         return super().__exit__(*exc)
 
     def _resized(self, storage: torch.UntypedStorage) -> None:
@@ -291,3 +249,33 @@ class StorageTracker(TorchDispatchMode):
 
     def on_free(self, key: int) -> None:
         pass
+
+
+def fixed_groups(model: nn.Module, batch: Batch, optimizer) -> dict[Category, list[torch.Tensor]]:
+    """The tensors alive before the step, by category."""
+    return {
+        Category.PARAMETERS: list(model.parameters()),
+        Category.BUFFERS: list(model.buffers()),
+        Category.INPUTS: list(tensors_in((batch.args, batch.kwargs))),
+        Category.OPTIMIZER: optimizer_tensors(optimizer),
+    }
+
+
+def fixed_bytes(groups: dict[Category, list[torch.Tensor]], device: torch.device) -> dict[Category, int]:
+    """Bytes per category, each storage counted once (in the first category that holds it)."""
+    seen: set[int] = set()
+    sizes = {}
+    for category, tensors in groups.items():
+        sizes[category] = 0
+        for t in tensors:
+            key = storage_key(t)
+            if key not in seen:
+                seen.add(key)
+                sizes[category] += allocated_bytes(storage_of(t).nbytes(), device)
+    return sizes
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    if optimizer is None:
+        return []
+    return [t for state in optimizer.state.values() for t in tensors_in(state)]

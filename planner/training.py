@@ -9,12 +9,12 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from planner.executor import apply
+from planner.execution import apply
 from planner.measurement import Measurement, measure
-from planner.report import format_bytes
+from planner.core.sizes import format_bytes
 from planner.step import timed_ms, train_step
 from planner.workload import Workload
-from solvers.plan import Plan
+from planner.core.plan import Plan
 
 
 def train_and_measure(workload: Workload, plan: Plan, steps: int, console: Console | None = None) -> Table:

@@ -17,7 +17,7 @@ def select_units(model: nn.Module, spec: Sequence[str | type[nn.Module]]) -> lis
 
     `spec` lists module classes, class names or glob patterns over qualified
     names ("blocks.*", "*.attn"); a module matching any entry is a unit, and
-    a match inside another match is not. (With no spec, `planner.survey`
+    a match inside another match is not. (With no spec, `planner.profiling.survey`
     chooses the units.)
     """
     chosen: list[str] = []

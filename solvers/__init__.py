@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from solvers import all as all_units
 from solvers import dp, greedy, ilp, none, sqrt
-from solvers.base import Solution, Solver, Status
+from planner.core.plan import Status
+from solvers.base import Solution, Solver
 from solvers.problem import Problem, build_problem
 
 SOLVERS: dict[str, Solver] = {

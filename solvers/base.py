@@ -11,16 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 
+from planner.core.plan import Status
 from solvers.problem import Problem
-
-
-class Status(str, Enum):
-    OPTIMAL = "optimal"
-    FEASIBLE = "feasible"  # under budget, optimality not proven
-    INFEASIBLE = "infeasible"  # no plan of this solver's kind fits the budget
-    TIME_LIMIT = "time limit"  # stopped by the time limit with a plan under budget
 
 
 @dataclass(frozen=True)

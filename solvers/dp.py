@@ -43,7 +43,8 @@ import numpy as np
 
 from solvers import arrays
 from solvers.arrays import Arrays
-from solvers.base import Solution, Status
+from planner.core.plan import Status
+from solvers.base import Solution
 from solvers.chain import BIG, KEEP, Model, Reach, model_of
 from solvers.problem import Problem
 

@@ -26,7 +26,8 @@ import numpy as np
 
 from solvers import arrays
 from solvers.arrays import Arrays
-from solvers.base import Solution, Status
+from planner.core.plan import Status
+from solvers.base import Solution
 from solvers.problem import Problem
 
 NONE = np.iinfo(np.int64).min // 4  # below any memory

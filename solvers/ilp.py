@@ -35,7 +35,8 @@ from ortools.sat.python import cp_model
 
 from solvers import arrays, dp, greedy
 from solvers.arrays import Arrays
-from solvers.base import Solution, Status
+from planner.core.plan import Status
+from solvers.base import Solution
 from solvers.problem import Problem
 
 NS_PER_MS = 1_000_000  # objective unit: costs in ms are rounded to whole nanoseconds

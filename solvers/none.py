@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 
-from solvers.base import Solution, Status
+from planner.core.plan import Status
+from solvers.base import Solution
 from solvers.problem import Problem
 
 

@@ -22,10 +22,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from planner.actions import EXPENSIVE_OPS, Action, Choice, Semantics, replay_peak
-from planner.costmodel import Roofline, roofline_for
-from planner.graph import ProfiledGraph
-from planner.simulator import simulate
+from planner.core.actions import EXPENSIVE_OPS, Action, Choice, Semantics, replay_peak
+from planner.core.costmodel import Roofline
+from planner.core.gpus import roofline_for
+from planner.core.graph import ProfiledGraph
+from planner.core.simulator import simulate
 
 MAX_SEGMENT_UNITS = 16
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 import time
 
-from planner.actions import Action
+from planner.core.actions import Action
 from solvers import arrays
-from solvers.base import Solution, Status
+from planner.core.plan import Status
+from solvers.base import Solution
 from solvers.problem import Problem
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from planner.actions import Action, Choice
+from planner.core.actions import Action, Choice
 from solvers.problem import Freed, Option, Problem, Row
 
 W = 4  # ticks per unit and phase

@@ -14,12 +14,12 @@ import pytest
 import planner
 from planner.cli import main
 from planner.compare import compare
-from planner.costmodel import REFERENCE, retime
-from planner.gpus import GPU, find_gpus, load_catalog
-from planner.graph import Category
+from planner.core.costmodel import REFERENCE, retime
+from planner.core.gpus import GPU, find_gpus, load_catalog
+from planner.core.graph import Category
 from planner.planning import InfeasibleBudget, plan
 from planner.scenario import OptimizerSpec, load_scenario
-from planner.simulator import simulate
+from planner.core.simulator import simulate
 
 MIB, GIB = 1024**2, 1024**3
 BUILTIN = {
@@ -121,10 +121,10 @@ def test_retime_changes_times_not_memory_and_copies() -> None:
         assert not timed.measured_times
         assert timed.blocks == graph.blocks and timed.fixed == graph.fixed
         assert [u.saved_bytes for u in timed.units] == [u.saved_bytes for u in graph.units]
-        assert timed.step_ms == pytest.approx(timed.meta["other_ms"] + sum(u.fwd_ms + u.bwd_ms for u in timed.units))
+        assert timed.step_ms == pytest.approx(timed.other.ms + sum(u.fwd_ms + u.bwd_ms for u in timed.units))
         assert simulate(timed).peak_bytes == simulate(graph).peak_bytes
-    on_h100 = {**graph.meta, "device_name": "NVIDIA H100 80GB HBM3"}
-    measured = dataclasses.replace(graph, measured_times=True, meta=on_h100)
+    on_h100 = dataclasses.replace(graph.calibration, device_name="NVIDIA H100 80GB HBM3")
+    measured = dataclasses.replace(graph, measured_times=True, calibration=on_h100)
     assert retime(measured, catalog["h100-80gb"].roofline()) is measured  # profiled on that GPU: times kept
     assert retime(measured, catalog["a100-40gb"].roofline()).step_ms != measured.step_ms
 

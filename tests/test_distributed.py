@@ -37,7 +37,7 @@ from planner.distributed import (
 )
 from planner.planning import InfeasibleBudget
 from planner.scenario import ScenarioError, load_scenario, parse_scenario
-from planner.simulator import simulate
+from planner.core.simulator import simulate
 
 WORLD_SIZE = 2
 CASES = [(name, sharding) for name in ("gpt", "resnet") for sharding in SHARDINGS]

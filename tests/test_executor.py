@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 import planner
-from planner.actions import Action, Choice, Semantics
-from planner.costmodel import roofline_for
-from planner.executor import PlanMismatch
-from planner.planning import InfeasibleBudget, parse_budget
+from planner.core.actions import Action, Choice, Semantics
+from planner.core.gpus import roofline_for
+from planner.execution import PlanMismatch
+from planner.core.sizes import parse_budget
+from planner.planning import InfeasibleBudget
 from planner.scenario import list_scenarios, load_scenario
-from planner.simulator import simulate
+from planner.core.simulator import simulate
 from planner.step import Batch, train_step
 from solvers import build_problem
 from solvers.ilp import min_peak
@@ -252,7 +253,7 @@ def test_plans_on_a_cpu_pay_the_copies_and_the_executor():
     and with the executor's own cost per choice and per storage."""
     _, graph = profiled("lstm_cell")
     rates = roofline_for(graph)
-    assert not rates.copies_overlap and rates.host_bytes_per_s == graph.meta["host_bytes_per_s"]
+    assert not rates.copies_overlap and rates.host_bytes_per_s == graph.calibration.host_bytes_per_s
     m = rates.mechanism
     effect = Semantics(graph, rates).effect(Choice(Action.OFFLOAD, (5,)))
     nbytes = sum(graph.blocks[r.block].bytes for r in effect.releases)

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import planner
-from planner.graph import Category
+from planner.core.graph import Category
 from planner.scenario import list_scenarios, load_scenario
-from planner.simulator import simulate
+from planner.core.simulator import simulate
 from planner.step import Batch
 
 ZOO = [name for name in list_scenarios() if name != "gpt7b"]
@@ -193,7 +193,7 @@ def test_empty_model_is_refused():
 
 
 def test_random_operators_are_known_by_their_dropout():
-    from planner.profiler import _draws_random
+    from planner.profiling.recorder import _draws_random
 
     aten, q = torch.ops.aten, torch.empty(1, 1, 4, 4)
     efficient = aten._scaled_dot_product_efficient_attention.default
@@ -209,7 +209,7 @@ def test_no_plan_replays_random_draws_it_cannot_repeat():
     draw the rest from another place in the stream), nor holds a unit that draws from cuDNN's own state."""
     from dataclasses import replace
 
-    from planner.actions import Action
+    from planner.core.actions import Action
     from solvers import build_problem
     from solvers.problem import candidate_choices
 

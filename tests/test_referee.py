@@ -8,7 +8,7 @@ import pytest
 
 import planner
 from planner.scenario import load_scenario
-from planner.simulator import simulate
+from planner.core.simulator import simulate
 from solvers import build_problem
 
 

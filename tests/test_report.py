@@ -17,11 +17,12 @@ from torch import nn
 
 import planner
 from planner.export import atomic_open, graph_to_dict, write
-from planner.graph import ProfiledGraph
+from planner.core.graph import ProfiledGraph
 from planner.measurement import Measurement
 from planner.plot import plot_timeline
-from planner.report import format_bytes, parse_bytes, peak_panel, units_table
-from planner.simulator import Simulation
+from planner.core.sizes import format_bytes, parse_bytes
+from planner.report import peak_panel, units_table
+from planner.core.simulator import Simulation
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

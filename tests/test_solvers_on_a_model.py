@@ -13,7 +13,7 @@ from torch import nn
 import planner
 from planner.planning import InfeasibleBudget
 from planner.scenario import list_scenarios, load_scenario
-from planner.simulator import simulate
+from planner.core.simulator import simulate
 from solvers import SOLVERS, Status, build_problem, get_solver, ilp
 
 FITS = (Status.OPTIMAL, Status.FEASIBLE, Status.TIME_LIMIT)

@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import planner
-from planner.graph import Category
+from planner.core.graph import Category
 from planner.planning import BudgetExceeded, InfeasibleBudget
-from planner.profiler import preserved
+from planner.step import preserved
 from planner.tracking import StorageTracker, tensors_in
 
 pytest.importorskip("transformers")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
-from planner.graph import FixedMemory, ProfiledGraph
+from planner.core.graph import FixedMemory, ProfiledGraph
 
 _QUANTITY_SUFFIXES = ("_bytes", "_ms", "_flops")
 _QUANTITIES = frozenset({"bytes", "ms", "flops", "bytes_moved", "step_ms"})  # fields of Op, Block, ProfiledGraph

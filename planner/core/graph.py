@@ -8,7 +8,7 @@ one, so a tick orders everything that happened.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass
 from enum import Enum
 
 import networkx as nx
@@ -159,11 +159,47 @@ class FixedMemory:
 
 
 @dataclass(frozen=True)
+class Work:
+    """Operators outside every unit (the loss, the optimizer, glue between units): ms, FLOPs, bytes moved."""
+
+    ms: float = 0.0
+    flops: int = 0
+    bytes_moved: int = 0
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """What the executor costs on a device beyond the forward a region replays and the bytes an
+    offload copies (hooks, checkpoint and copy bookkeeping): ms per choice, and per storage it frees."""
+
+    region_ms: float
+    region_storage_ms: float
+    offload_ms: float
+    offload_storage_ms: float
+
+    def scaled(self, share: float) -> Mechanism:
+        """These costs where only `share` of the host's extra work delays the step."""
+        return Mechanism(*(share * ms for ms in astuple(self)))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What profiling measured of the device beside the step itself (nothing, for estimated times)."""
+
+    device_name: str | None = None  # the CUDA device the times were measured on
+    host_bytes_per_s: float | None = None  # a CPU's offload copy rate, each way
+    host_busy: float = 1.0  # share of the step the host spends issuing work (below 1 where a GPU runs behind)
+    mechanism: Mechanism | None = None  # the executor's own costs there
+
+
+@dataclass(frozen=True)
 class ProfiledGraph:
     """A profiled training step: units, their data edges, fixed memory and the allocation trace.
 
     `phases` maps each phase to its (first tick, last tick). `measured_times`
     is False when times were estimated from FLOPs (profiling on the meta device).
+    `other` is the work outside every unit; `calibration`, what profiling measured
+    of the device for costing plans.
     """
 
     model: str
@@ -177,7 +213,8 @@ class ProfiledGraph:
     step_ms: float  # all operators of the step, measured or estimated
     measured_times: bool
     first_step_extra_bytes: int = 0  # optimizer state the first step allocates
-    meta: dict = field(default_factory=dict)
+    other: Work = Work()
+    calibration: Calibration = Calibration()
     forwards: int = 1  # forwards of the model with gradients in one step (micro-batches)
 
     @property

@@ -6,7 +6,7 @@
 Memory at any moment is the fixed memory (parameters, buffers, inputs,
 optimizer state) plus every block allocated and not yet freed. Under a plan,
 released blocks leave at their death and come back in their replay (see
-`planner.actions`), and a recomputed region's whole forward is replayed at
+`planner.core.actions`), and a recomputed region's whole forward is replayed at
 the moment backward first needs it. The peak is the highest value over the
 step; time is the profiled step plus each choice's extra time.
 """
@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from planner.actions import Choice, Semantics
-from planner.costmodel import Roofline, roofline_for
-from planner.graph import FIXED_CATEGORIES, Category, ProfiledGraph
+from planner.core.actions import Choice, Semantics
+from planner.core.costmodel import Roofline
+from planner.core.gpus import roofline_for
+from planner.core.graph import FIXED_CATEGORIES, Category, ProfiledGraph
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Simulation:
 
 def simulate(graph: ProfiledGraph, choices: Iterable[Choice] = (), roofline: Roofline | None = None) -> Simulation:
     """Replay the step's blocks on top of its fixed memory, with `choices` applied and costed on
-    `roofline` (default: `costmodel.roofline_for(graph)`)."""
+    `roofline` (default: `gpus.roofline_for(graph)`)."""
     choices = list(choices)
     if roofline is None and choices:
         roofline = roofline_for(graph)
@@ -98,7 +99,9 @@ def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline | No
         death |= {r.block: r.death for r in effect.releases}
         for r in effect.held:  # alive again right after its free, until the region's backward is over
             bytes_, category = graph.blocks[r.block].bytes, graph.blocks[r.block].category
-            holds += [((r.death, 0, 1), bytes_, category), ((r.back, 3, n), -bytes_, category)]
+            holds.append(((r.death, 0, 1), bytes_, category))
+            if not r.in_replay:  # (otherwise its replay frees it)
+                holds.append(((r.back, 3, n), -bytes_, category))
         replays += [((effect.replay_tick, 2, n, k), delta, graph.blocks[i].category) for k, (i, delta) in enumerate(effect.replay)]
         if effect.snapshot_bytes:  # the buffers' copy, alive while the replay runs
             end = len(effect.replay)

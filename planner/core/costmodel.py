@@ -11,11 +11,8 @@ share of the datasheet figure that real training kernels sustain.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
-import torch
-
-from planner.graph import ProfiledGraph, Unit
+from planner.core.graph import Mechanism, ProfiledGraph, Unit
 
 # Shares of the datasheet peaks that training kernels sustain, used for every catalog GPU.
 # Large matrix products reach 70-80% of the dense tensor-core rate, convolutions, small or
@@ -41,7 +38,7 @@ class Roofline:
     memory_efficiency: float = 0.6  # share of peak memory bandwidth a real kernel reaches
     device_names: tuple[str, ...] = ()
     copies_overlap: bool = True  # host copies run beside compute (a GPU's side stream), not in its way
-    mechanism: Any = None  # `planner.executor.Mechanism`: what recompute and offload cost beyond the work
+    mechanism: Mechanism | None = None  # what recompute and offload cost beyond the work, where measured
 
     def op_ms(self, flops: int, bytes_moved: int) -> float:
         """Time of one operator in ms: the slower of its math and its memory traffic."""
@@ -61,30 +58,6 @@ class Roofline:
 REFERENCE = Roofline(flops_per_s=150e12, bytes_per_s=1.5e12, host_bytes_per_s=24e9)
 
 
-def roofline_for(graph: ProfiledGraph) -> Roofline:
-    """The rates that cost plans for `graph` when none are given: REFERENCE for estimated times;
-    for times measured on a device, that device's (a catalog GPU by its CUDA name; a CPU's measured
-    copy rate, paid in full since its copies stop compute) with the fixed costs of recompute
-    regions and offloaded calls measured on it (`planner.executor.mechanism`). Those costs are the
-    host's work: where a GPU runs behind the host, only the share of the step that the host is busy
-    issuing work counts."""
-    if not graph.measured_times:
-        return REFERENCE
-    from planner.executor import mechanism  # measured through the executor, which builds on this module
-    from planner.gpus import load_catalog
-
-    rates = REFERENCE
-    if "host_bytes_per_s" in graph.meta:
-        rates = replace(REFERENCE, host_bytes_per_s=graph.meta["host_bytes_per_s"], copies_overlap=False)
-    for gpu in load_catalog().values():
-        if graph.meta.get("device_name") in gpu.device_names:
-            rates = gpu.roofline()
-    device = torch.device(graph.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return rates
-    return replace(rates, mechanism=mechanism(str(device)).scaled(graph.meta.get("host_busy", 1.0)))
-
-
 def retime(graph: ProfiledGraph, roofline: Roofline) -> ProfiledGraph:
     """A copy of `graph` with its times estimated on `roofline`; sizes and the trace are unchanged.
 
@@ -95,16 +68,16 @@ def retime(graph: ProfiledGraph, roofline: Roofline) -> ProfiledGraph:
     of its totals. A profile measured on the device the roofline describes (its `device_name` is
     one of `roofline.device_names`) keeps its measured times and is returned as is.
     """
-    if graph.measured_times and graph.meta.get("device_name") in roofline.device_names:
+    if graph.measured_times and graph.calibration.device_name in roofline.device_names:
         return graph
     units = tuple(_retime_unit(u, roofline) for u in graph.units)
-    other_ms = roofline.op_ms(graph.meta.get("other_flops", 0), graph.meta.get("other_bytes", 0))
+    other = replace(graph.other, ms=roofline.op_ms(graph.other.flops, graph.other.bytes_moved))
     return replace(
         graph,
         units=units,
-        step_ms=other_ms + sum(u.fwd_ms + u.bwd_ms for u in units),
+        step_ms=other.ms + sum(u.fwd_ms + u.bwd_ms for u in units),
         measured_times=False,
-        meta={**graph.meta, "other_ms": other_ms},
+        other=other,
     )
 
 

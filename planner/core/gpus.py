@@ -4,6 +4,7 @@
     catalog = load_catalog("my_gpus.yaml")            # plus a user's entries, replacing by name
     a100, h100 = find_gpus("a100-80gb,h100-80gb", catalog)
     roofline = a100.roofline("bfloat16")              # for `costmodel.retime` and `planning.plan`
+    roofline = roofline_for(graph)                    # the rates of the device a graph was profiled on
 
 The file format is described at the top of `planner/gpus.yaml`. Rates are FLOP/s and bytes/s,
 sizes bytes; a size may also be written as text such as "80GiB".
@@ -12,14 +13,15 @@ sizes bytes; a size may also be written as text such as "80GiB".
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from planner.costmodel import MATH_EFFICIENCY, MEMORY_EFFICIENCY, Roofline
-from planner.report import parse_bytes
+from planner.core.costmodel import MATH_EFFICIENCY, MEMORY_EFFICIENCY, REFERENCE, Roofline
+from planner.core.graph import ProfiledGraph
+from planner.core.sizes import parse_bytes
 
 BUILTIN = Path(__file__).with_name("gpus.yaml")
 _PRECISIONS = {  # dtype name -> the GPU field holding its matrix rate
@@ -185,3 +187,24 @@ def _rate(where: str, name: str, key: str, value: Any) -> float:
     if not rate > 0 or rate == float("inf"):
         raise ValueError(f"{where}: GPU {name!r}: field {key!r} must be a positive number, got {value!r}")
     return rate
+
+
+def roofline_for(graph: ProfiledGraph) -> Roofline:
+    """The rates that cost plans for `graph` when none are given: REFERENCE for estimated times;
+    for times measured on a device, that device's (a catalog GPU by its CUDA name; a CPU's measured
+    copy rate, paid in full since its copies stop compute) with the fixed costs of recompute
+    regions and offloaded calls that profiling measured there (`graph.calibration`). Those costs are
+    the host's work: where a GPU runs behind the host, only the share of the step that the host is
+    busy issuing work counts."""
+    if not graph.measured_times:
+        return REFERENCE
+    calibration = graph.calibration
+    rates = REFERENCE
+    if calibration.host_bytes_per_s is not None:
+        rates = replace(REFERENCE, host_bytes_per_s=calibration.host_bytes_per_s, copies_overlap=False)
+    for gpu in load_catalog().values():
+        if calibration.device_name in gpu.device_names:
+            rates = gpu.roofline()
+    if calibration.mechanism is None:
+        return rates
+    return replace(rates, mechanism=calibration.mechanism.scaled(calibration.host_busy))

@@ -1,4 +1,4 @@
-"""A plan: what to do with each unit, and what the solver claims for it.
+"""A plan: what to do with each unit, what the solver claims for it, and its status.
 
 Plain data, no torch. `to_dict` / `from_dict` give the plan file's content:
 
@@ -24,10 +24,19 @@ Consecutive units with the same `region` are recomputed together.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
-from planner.actions import Action, Choice
-from solvers.base import Status
+from planner.core.actions import Action, Choice
+
+
+class Status(str, Enum):
+    """What a solver says of its plan."""
+
+    OPTIMAL = "optimal"
+    FEASIBLE = "feasible"  # under budget, optimality not proven
+    INFEASIBLE = "infeasible"  # no plan of this solver's kind fits the budget
+    TIME_LIMIT = "time limit"  # stopped by the time limit with a plan under budget
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ import bisect
 from dataclasses import dataclass
 from enum import Enum
 
-from planner.costmodel import Roofline
-from planner.graph import Block, Category, Phase, ProfiledGraph
+from planner.core.costmodel import Roofline
+from planner.core.graph import Block, Category, Phase, ProfiledGraph
 
 # Operators worth keeping saved inside a recomputed unit: much compute per byte.
 EXPENSIVE_OPS = frozenset(
@@ -56,11 +56,15 @@ class Choice:
 
 @dataclass(frozen=True)
 class Release:
-    """A block off the device for ticks in (death, back]: it is gone after `death` and back at `back`."""
+    """A block off the device for ticks in (death, back]: it is gone after `death` and back at `back`.
+
+    As a hold (`Effect.held`) it is instead on the device longer, from `death` until `back`; with
+    `in_replay`, until the replay at `back` frees it (an event of `Effect.replay`)."""
 
     block: int
     death: int
     back: int
+    in_replay: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,10 @@ class Effect:
     """What a choice changes: released blocks, the replay at `replay_tick`, extra time in ms.
 
     `held` are blocks a recomputed region reads from outside, which its checkpoint
-    keeps alive from their first free (`death`) until its backward is over (`back`).
+    keeps alive from their first free (`death`) until its backward is over (`back`), and
+    outputs of operators it keeps saved, which the selective checkpoint's cache keeps alive
+    until its replay takes them or, where the replay stops before their operator, until
+    its backward is over.
     A replay first copies the buffers of its units' modules (`snapshot_bytes`) and
     puts them back when it is over, so that batch-norm statistics are updated once.
     """
@@ -97,6 +104,11 @@ class Semantics:
         for u in graph.units:
             for i in u.inputs:
                 self._readers.setdefault(i, set()).add(u.index)
+        self._last_saved: dict[int, int] = {}  # unit -> the latest allocation tick of a block its forward saved
+        for b in graph.blocks:
+            if b.phase is Phase.FORWARD:
+                for u in b.savers:
+                    self._last_saved[u] = max(self._last_saved.get(u, -1), b.alloc)
 
     def death(self, block: Block) -> int:
         """The forward tick after which nothing in forward needs the block any more."""
@@ -156,9 +168,9 @@ class Semantics:
             return None
         held: tuple[Release, ...] = ()
         if choice.action is Action.RECOMPUTE:
-            replay = self._replay(owned, {r.block for r in releases}, choice.save_ops)
-            work_ms = sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
             held = self._held(units, back, owned, choice.save_ops)
+            replay = self._replay(owned, {r.block for r in releases}, choice.save_ops, [h.block for h in held if h.in_replay])
+            work_ms = sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
             modules = {self.graph.units[u].name: self.graph.units[u].buffer_bytes for u in units}
             snapshot = sum(modules.values())  # a module called twice in the region is copied once
         else:
@@ -169,18 +181,28 @@ class Semantics:
         return Effect(releases, held, back, replay, extra_ms, snapshot)
 
     def _held(self, units: set[int], back: int, owned: list[int], save_ops: frozenset[str]) -> tuple[Release, ...]:
-        """Blocks the region's checkpoint keeps alive until its backward is over: its inputs made
-        outside it, and the outputs of operators it keeps saved even where autograd did not save them."""
+        """Blocks the region's checkpoint keeps alive longer than the step without it: its inputs made
+        outside it, until its backward is over; and the outputs of operators it keeps saved, which the
+        selective checkpoint's cache holds from the first forward on, whoever else saved them.
+
+        The replay takes a kept output out of the cache when it runs its operator, and from then on it
+        lives as the replay's and its savers' (in the replay, until it is freed there). But a replay stops
+        at the last tensor the region's forward saved, and autograd saves an operator's inputs before it
+        runs it: where no tensor made at or after the operator was saved in the region, the replay never
+        runs it, and its output stays cached until the checkpoint goes, when the region's backward is over.
+        """
         blocks = self.graph.blocks
         inputs = {i for u in units for i in self.graph.units[u].inputs if blocks[i].owner not in units}
-        cached = {
-            i for i in owned if blocks[i].op in save_ops and blocks[i].category is Category.TRANSIENTS and not blocks[i].scratch
-        }
         until = max([back] + [self.graph.units[u].bwd_end or back for u in units])
+        last_saved = max((self._last_saved.get(u, -1) for u in units), default=-1)
+        kept = [i for i in owned if blocks[i].op in save_ops and not blocks[i].scratch]
+        ends = dict.fromkeys(inputs, (until, False))  # block -> (until when, whether its replay frees it)
+        for i in kept:
+            ends[i] = (back, True) if blocks[i].alloc <= last_saved else (until, False)
         return tuple(
-            Release(i, blocks[i].free, until)
-            for i in sorted(inputs | cached)
-            if blocks[i].free is not None and blocks[i].free < until
+            Release(i, blocks[i].free, end, in_replay)
+            for i, (end, in_replay) in sorted(ends.items())
+            if blocks[i].free is not None and blocks[i].free < end
         )
 
     def _made_by(self, units: set[int]) -> list[Block]:
@@ -193,8 +215,13 @@ class Semantics:
             return min(units[unit + 1].grad_tick, units[unit].bwd_start)
         return units[unit].bwd_start
 
-    def _replay(self, owned: list[int], released: set[int], save_ops: frozenset[str]) -> tuple[tuple[int, int], ...]:
-        """The region's forward run again: its blocks allocated in order, all but the released ones freed."""
+    def _replay(
+        self, owned: list[int], released: set[int], save_ops: frozenset[str], taken: list[int] = ()
+    ) -> tuple[tuple[int, int], ...]:
+        """The region's forward run again: its blocks allocated in order, all but the released ones freed.
+
+        `taken` are kept outputs that only the cache held until now: the replay frees them when done
+        with them (a transient where the first forward freed it, another at the replay's end)."""
         events: list[tuple[int, int, int]] = []  # (order tick, block, delta)
         end = max(self.graph.blocks[i].alloc for i in owned)
         for i in owned:
@@ -205,6 +232,10 @@ class Semantics:
             if i not in released:
                 free = b.free if b.category is Category.TRANSIENTS and b.free is not None else end + 1
                 events.append((min(free, end + 1), i, -b.bytes))
+        for i in taken:
+            b = self.graph.blocks[i]
+            free = b.free if b.category is Category.TRANSIENTS else end + 1
+            events.append((min(free, end + 1), i, -b.bytes))
         events.sort(key=lambda e: (e[0], e[2] < 0))
         return tuple((i, delta) for _, i, delta in events)
 

@@ -1,0 +1,125 @@
+"""Recompute: a run of units checkpointed as one region through PyTorch's non-reentrant checkpoint.
+
+The region opens when its first unit is called and closes when its last one returns; in between,
+the units run as they do without a plan, under the checkpoint's saved-tensor hooks, and each call
+is recorded: its forward, its arguments, and which of them are the previous unit's outputs. When
+backward first needs a tensor saved in the region, the checkpoint replays it: the recorded calls
+again, each fed the replayed outputs of the one before and the recorded arguments otherwise. The
+buffers of the region's modules (batch-norm statistics) are copied before a replay and put back
+after it, so that a step updates them once. Operators the plan keeps saved are kept by a
+selective-checkpoint policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils import checkpoint as ckpt
+
+from planner.core.actions import Choice
+from planner.torch_internals import checkpoint_generator, outside_checkpoint_modes, tree_flatten, tree_unflatten
+
+
+@dataclass
+class _Call:
+    """One unit call in a region: its forward, its argument leaves (None where `link` is set), and
+    for each leaf the position of the previous call's output leaf it is (None for other arguments)."""
+
+    forward: Callable
+    leaves: list
+    spec: Any
+    links: list[int | None]
+
+
+@dataclass
+class _Region:
+    """One checkpointed run of units during one forward."""
+
+    choice: Choice
+    buffers: list[torch.Tensor]  # of its units' modules, put back after a replay
+    calls: list[_Call] = field(default_factory=list)
+    last_outputs: dict[int, int] = field(default_factory=dict)  # id of a leaf of the last output -> position
+    generator: Iterator | None = None
+
+
+class Regions:
+    """The recompute regions of a plan as they run: at most one is open at a time.
+
+    `nested()` is a context in which the unit calls a replay makes run as they are; `watch`, when
+    set, is told when a replay starts (with its choice) and ends (with None).
+    """
+
+    def __init__(self, nested: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.nested = nested
+        self.open: _Region | None = None
+        self.watch: Callable[[Choice | None], None] | None = None
+
+    def run(self, choice: Choice, position: int, buffers: Callable[[], list[torch.Tensor]], forward: Callable, args: tuple, kwargs: dict):
+        """The unit call at `position` in `choice`'s region; the first opens it (with the region's
+        module buffers from `buffers()`), the last closes it."""
+        if position == 0:
+            self.open = _Region(choice, buffers())
+            self.open.generator = checkpoint_generator(functools.partial(self._replay, self.open), _context_fn(choice), *args, **kwargs)
+            next(self.open.generator)
+        region = self.open
+        leaves, spec = tree_flatten((args, kwargs))
+        links = [region.last_outputs.get(id(leaf)) for leaf in leaves]
+        region.calls.append(_Call(forward, [None if link is not None else leaf for leaf, link in zip(leaves, links)], spec, links))
+        try:
+            output = forward(*args, **kwargs)
+        except BaseException:
+            self.close()
+            raise
+        region.last_outputs = {id(leaf): i for i, leaf in enumerate(tree_flatten(output)[0])}
+        if position == len(choice.units) - 1:
+            self.close()
+        return output
+
+    def close(self) -> None:
+        region, self.open = self.open, None
+        if region is not None and region.generator is not None:
+            next(region.generator, None)
+            region.generator = None  # the generator refers to the region: no cycle may outlive the step
+
+    def _replay(self, region: _Region, *args, **kwargs) -> None:
+        """Run the region's forward again from its first inputs; its units' buffers are left as they were."""
+        with outside_checkpoint_modes(), torch.no_grad():
+            snapshot = [b.clone() for b in region.buffers]
+        if self.watch is not None:
+            self.watch(region.choice)
+        try:
+            with self.nested():
+                output = region.calls[0].forward(*args, **kwargs)
+                for call in region.calls[1:]:
+                    previous = tree_flatten(output)[0]
+                    leaves = [previous[link] if link is not None else leaf for leaf, link in zip(call.leaves, call.links)]
+                    call_args, call_kwargs = tree_unflatten(leaves, call.spec)
+                    output = call.forward(*call_args, **call_kwargs)
+        finally:
+            if self.watch is not None:
+                self.watch(None)
+            with outside_checkpoint_modes(), torch.no_grad():
+                for buffer, value in zip(region.buffers, snapshot):
+                    # through `.data`: putting the values back is no change autograd must see; bumping the
+                    # buffer's version would fail the backward of a call of the module outside the region
+                    # (batch norm saves its running statistics)
+                    buffer.data.copy_(value)
+
+
+def _context_fn(choice: Choice):
+    """No policy, or a selective-checkpoint policy keeping the outputs of `choice.save_ops` saved."""
+    if not choice.save_ops:
+        return ckpt.noop_context_fn
+    save_ops = choice.save_ops
+
+    def policy(ctx, func, *args, **kwargs):
+        if str(func.overloadpacket) in save_ops:
+            return ckpt.CheckpointPolicy.MUST_SAVE
+        return ckpt.CheckpointPolicy.PREFER_RECOMPUTE
+
+    return functools.partial(ckpt.create_selective_checkpoint_contexts, policy)

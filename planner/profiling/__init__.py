@@ -1,0 +1,148 @@
+"""Profile one real training step of a model into a ProfiledGraph.
+
+    graph = planner.profile(model, batch, loss_fn=lambda out: F.cross_entropy(out, y), optimizer=opt)
+
+The step runs once under a dispatch mode that sees every operator and every new storage
+(`recorder`), with module hooks marking the units (chosen by `survey` unless named) and
+saved-tensor hooks telling which storages autograd keeps for backward and when backward first
+needs them. Two more training steps, untracked, give the units' times (`timing`); on a device
+whose times were measured, the executor's own costs and a CPU's offload copy rate are measured
+too, once per process (`planner.execution.calibration`). The model, its buffers, the optimizer and
+the random number generators are left exactly as they were found. On the meta device, or with fake
+tensors (a model built under `FakeTensorMode`), nothing is allocated and times come from FLOPs and
+bytes (`planner.core.costmodel`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from planner.core.graph import Calibration, Category, Phase, ProfiledGraph
+from planner.execution.calibration import host_copy_bytes_per_s, mechanism
+from planner.profiling.freeze import freeze
+from planner.profiling.recorder import Recorder, unit_hooks
+from planner.profiling.survey import survey_units
+from planner.profiling.timing import TIMED_STEPS, calibrate, least, timed_step
+from planner.step import LossFn, StepFn, TrainingStep, optimizer_hooks, preserved
+from planner.torch_internals import fake_mode_of
+from planner.tracking import fixed_bytes, fixed_groups, optimizer_tensors, storage_key
+from planner.units import UnitSpec, select_units
+
+
+def profile(
+    model: nn.Module,
+    example_batch: Any = None,
+    loss_fn: LossFn | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    step: StepFn | None = None,
+    units: UnitSpec = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> ProfiledGraph:
+    """Run one training step with hooks and return what it did.
+
+    `example_batch` is a tensor (one positional input), a tuple or list
+    (positional inputs), a dict (keyword inputs) or a `Batch`. `loss_fn`
+    turns the model's output into a scalar (default: the output itself, its
+    `.loss`, or the sum of its tensors). `step` is instead a function of no
+    arguments that runs one whole training step of your own (several
+    micro-batches, a GradScaler, a custom loss); give its optimizer too, so
+    that its state counts as fixed memory. `units` chooses the modules a plan
+    acts on (see `planner.units.select_units`); by default a survey of the
+    module tree chooses them (`planner.profiling.survey`). On CUDA the allocator's peak
+    statistics are reset at every operator (they measure its scratch memory).
+    """
+    train = TrainingStep.of(model, example_batch, loss_fn, optimizer, autocast_dtype, step)
+    device = train.device
+    groups = fixed_groups(model, train.batch, optimizer)
+    existing = [t for ts in groups.values() for t in ts]
+    fake_mode = fake_mode_of(existing)  # the FakeTensorMode the model was built under; None for real tensors
+    with fake_mode or contextlib.nullcontext():
+        names = _unit_names(train, units, device, existing)
+    with fake_mode or contextlib.nullcontext(), preserved(model, optimizer):
+        rec = Recorder(device, existing, estimated_times=device.type == "meta" or fake_mode is not None)
+        _tracked_step(train, names, rec)
+        opt_state = [rec.open[k] for k in map(storage_key, optimizer_tensors(optimizer)) if k in rec.open]
+        # All optimizer state after the step, including what it made outside the dispatcher (step counts).
+        state_after = fixed_bytes({Category.OPTIMIZER: optimizer_tensors(optimizer)}, device)[Category.OPTIMIZER]
+        held = None  # what the CUDA allocator holds besides the step's storages: fixed memory and workspaces
+        if rec.watch_scratch:
+            held = torch.cuda.memory_allocated(device) - rec.live_bytes + sum(b.bytes for b in opt_state)
+        rec.finish()
+        calibration = Calibration()
+        if not rec.estimated_times:
+            calibrate(rec, least([timed_step(train, names) for _ in range(TIMED_STEPS)]))
+            calibration = _measured_calibration(device, rec.host_busy)
+    sizes = fixed_bytes(groups, device)
+    first_step_bytes = state_after - sizes[Category.OPTIMIZER]
+    sizes[Category.OPTIMIZER] = state_after
+    if held is not None:
+        sizes[Category.WORKSPACE] = max(0, held - sum(sizes.values()))
+    return freeze(model, device, rec, sizes, rec.grads or [], opt_state, first_step_bytes, calibration)
+
+
+def _measured_calibration(device: torch.device, host_busy: float) -> Calibration:
+    """What costing plans on `device` needs beside the step: measured once per process."""
+    return Calibration(
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        host_bytes_per_s=host_copy_bytes_per_s() if device.type == "cpu" else None,
+        host_busy=host_busy if device.type == "cuda" else 1.0,
+        mechanism=mechanism(str(device)),
+    )
+
+
+def unit_names(
+    model: nn.Module,
+    example_batch: Any = None,
+    loss_fn: LossFn | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    step: StepFn | None = None,
+    units: UnitSpec = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[str]:
+    """The names of the modules `profile` takes as units, for the same arguments."""
+    train = TrainingStep.of(model, example_batch, loss_fn, optimizer, autocast_dtype, step)
+    groups = fixed_groups(model, train.batch, optimizer)
+    existing = [t for ts in groups.values() for t in ts]
+    with fake_mode_of(existing) or contextlib.nullcontext():
+        return _unit_names(train, units, train.device, existing)
+
+
+def _unit_names(train: TrainingStep, units: UnitSpec, device: torch.device, existing: list[torch.Tensor]) -> list[str]:
+    """The units `units` names, or those a survey of the step chooses (state restored)."""
+    if units is not None:
+        return select_units(train.model, units)
+    with preserved(train.model, train.optimizer):  # a whole step: engines expect a backward after a forward
+        try:
+            return survey_units(train.model, train, device, existing)
+        except Exception as err:
+            raise type(err)(f"the training step failed on the example batch: {err}") from err
+
+
+def _tracked_step(train: TrainingStep, names: list[str], rec: Recorder) -> None:
+    """The profiled step: every operator and storage through `rec`, units and saved tensors hooked."""
+    model = train.model
+
+    def on_phase(phase: Phase) -> None:
+        if phase is Phase.OPTIMIZER:  # the gradients are all there now
+            rec.collect_grads(model)
+
+    def count_forward(module, args) -> None:
+        rec.forwards += torch.is_grad_enabled()
+
+    counter = model.register_forward_pre_hook(count_forward)
+    try:
+        with unit_hooks(model, names, rec.enter_unit, rec.exit_unit), torch.autograd.graph.saved_tensors_hooks(
+            rec.pack, rec.unpack
+        ), optimizer_hooks(lambda: rec.optimizer_step(model, True), lambda: rec.optimizer_step(model, False)), rec:
+            train(on_phase)
+            rec.collect_grads(model)
+    except Exception as err:
+        raise type(err)(f"the training step failed on the example batch: {err}") from err
+    finally:
+        counter.remove()
