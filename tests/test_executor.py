@@ -276,7 +276,8 @@ def test_the_high_water_mark_sees_what_the_tracker_and_the_prediction_see():
     assert result["recomputed"] > 0
     for step in ("unplanned", "planned"):
         r = result[step]
-        assert abs(r["high_water"] - r["live"]) <= 0.02 * r["live"], (step, r)
+        # nothing hidden: at most 2% above; small blocks may land on pages the process already held
+        assert 0.95 * r["live"] <= r["high_water"] <= 1.02 * r["live"], (step, r)
         assert abs(r["predicted"] - r["live"]) <= 0.02 * r["live"], (step, r)
     assert result["planned"]["live"] <= result["budget"]
     assert result["planned"]["high_water"] <= result["budget"] + result["unplanned"]["high_water"] - result["unplanned"]["live"]
