@@ -213,7 +213,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
             check_suffix(path, suffixes)
     ranks = _parallel(args)
     if ranks is not None:
-        from planner.distributed import plan_rank, run_job
+        from planner.distributed.jobs import plan_rank, run_job
 
         plan, graph = run_job(plan_rank, ranks[0], _rank_job(args, ranks[1]), args.timeout)[0]
     else:
@@ -241,7 +241,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         raise ValueError("give either --budget (plan now) or --plan FILE (a saved plan)")
     ranks = _parallel(args)
     if ranks is not None:
-        from planner.distributed import run_job, train_rank
+        from planner.distributed.jobs import run_job, train_rank
         from planner.training import rank_table
 
         reports = run_job(train_rank, ranks[0], _rank_job(args, ranks[1]), args.timeout)
@@ -287,7 +287,7 @@ def _cuda_count() -> int:
 
 
 def _rank_job(args: argparse.Namespace, sharding: str):
-    from planner.distributed import RankJob
+    from planner.distributed.jobs import RankJob
 
     return RankJob(
         scenario=args.scenario,

@@ -167,7 +167,7 @@ class _Profiles:
             w = self.scenario.build(self.variant, device=FAKE, batch_size=batch_size)
             graph = profile(w.model, w.batch, w.loss_closure(), w.optimizer, autocast_dtype=w.autocast_dtype)
             if self.world_size > 1:
-                from planner.distributed import estimate_rank_graph
+                from planner.distributed.estimate import estimate_rank_graph
 
                 graph = estimate_rank_graph(graph, self.world_size, "ddp", w.model)
             self.graphs[batch_size] = graph

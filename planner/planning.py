@@ -10,7 +10,6 @@ predicted peak and overhead.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,12 +18,15 @@ import yaml
 from planner.core.costmodel import Roofline
 from planner.core.gpus import roofline_for
 from planner.core.graph import ProfiledGraph
-from planner.core.sizes import format_bytes, parse_budget
+from planner.core.plan import Plan, Status
 from planner.core.simulator import simulate
+from planner.core.sizes import format_bytes, parse_budget
+from planner.distributed.collective import agreed_union, agreed_units, on_worst_rank, worst_peak
+from planner.execution import apply
+from planner.measurement import measure, replays_left_behind
+from planner.profiling import profile, unit_names
 from solvers import auto_solver, build_problem, get_solver
-from planner.core.plan import Status
 from solvers.ilp import min_peak
-from planner.core.plan import Plan
 from solvers.problem import Problem
 
 log = logging.getLogger(__name__)
@@ -141,6 +143,13 @@ def load_plan(path: str | Path) -> Plan:
     return Plan.from_dict(data, source=path.name)
 
 
+def plan_ranks(graph: ProfiledGraph, budget: int | float | str, **solve) -> Plan:
+    """`plan(graph, budget, **solve)`, one plan for every rank under torch.distributed (collective):
+    the rank with the highest unplanned peak solves for `budget` (per rank), the others take its
+    plan, and its InfeasibleBudget is raised on every rank."""
+    return on_worst_rank(simulate(graph).peak_bytes, lambda: plan(graph, budget, **solve))
+
+
 class BudgetExceeded(ValueError):
     """The measured planned step stayed over the budget after planning again."""
 
@@ -172,17 +181,13 @@ def auto(
     Under torch.distributed every rank calls it: one rank chooses the units and solves, and every
     rank applies the same plan.
     """
-    from planner.distributed import agreed_plan, agreed_units
-    from planner.execution import apply
-    from planner.profiling import profile, unit_names
-
     if budget is None:
         raise ValueError("give a budget: bytes, a size like 6GiB or a share of the unplanned peak like 60%")
     step_args = {"loss_fn": loss_fn, "optimizer": optimizer, "step": step, "autocast_dtype": autocast_dtype}
     names = agreed_units(unit_names(model, example_batch, units=units, **step_args))
     graph = profile(model, example_batch, units=names, **step_args)
     solve = {"solver": solver, "time_limit_s": time_limit_s, "offload": offload}
-    chosen = agreed_plan(graph, budget, **solve)
+    chosen = plan_ranks(graph, budget, **solve)
     if not check:
         return apply(model, chosen)
     return hold(model, graph, chosen, example_batch, **step_args, solve=solve)
@@ -201,10 +206,6 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
     `optimizer`, `step` and `autocast_dtype`, as `profile` takes them. Collective under
     torch.distributed.
     """
-    from planner.distributed import agreed_plan, agreed_union, worst_peak
-    from planner.execution import apply
-    from planner.measurement import measure, replays_left_behind
-
     solve = solve or {}
     optimizer = step_args.get("optimizer")
     for attempt in range(MAX_REPLANS + 1):
@@ -218,7 +219,7 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
         over = f"the planned step measured {format_bytes(peak)}, over the budget of {format_bytes(chosen.budget_bytes)}"
         if attempt == MAX_REPLANS:
             break
-        with apply(model, agreed_plan(graph, 2 * chosen.unplanned_peak_bytes, solver="all", offload=False)) as probe:
+        with apply(model, plan_ranks(graph, 2 * chosen.unplanned_peak_bytes, solver="all", offload=False)) as probe:
             left = sorted(agreed_union(replays_left_behind(probe, example_batch, **step_args)))
         if left:
             why = f"replays of {', '.join(graph.units[u].key for u in left)} left memory behind"
@@ -231,7 +232,7 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
             log.warning("%s (predicted %s); planning again with %s kept free", over,
                         format_bytes(chosen.predicted_peak_bytes), format_bytes(margin))
         try:
-            chosen = agreed_plan(graph, chosen.budget_bytes, margin_bytes=margin, **solve)
+            chosen = plan_ranks(graph, chosen.budget_bytes, margin_bytes=margin, **solve)
         except InfeasibleBudget as err:
             raise InfeasibleBudget(f"{over}, and {why}: {err}", err.smallest_bytes) from None
     raise BudgetExceeded(f"{over}, after planning {MAX_REPLANS} more times; give a smaller budget")

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import scenarios
-from planner.distributed import SHARDINGS
+from planner.distributed.engines import SHARDINGS
 from planner.workload import Workload
 from scenarios.zoo import ZOO
 

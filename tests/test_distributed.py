@@ -23,19 +23,11 @@ from torch.distributed.tensor import DTensor
 
 import planner
 from planner.cli import main
-from planner.distributed import (
-    SHARDINGS,
-    RankFailed,
-    RankJob,
-    RemoteTraceback,
-    estimate_rank_graph,
-    launch,
-    measure_rank,
-    plan_ranks,
-    profile_rank,
-    rank_workload,
-)
-from planner.planning import InfeasibleBudget
+from planner.distributed.engines import SHARDINGS, measure_rank, profile_rank
+from planner.distributed.estimate import estimate_rank_graph
+from planner.distributed.jobs import RankJob, rank_workload
+from planner.distributed.launch import RankFailed, RemoteTraceback, launch
+from planner.planning import InfeasibleBudget, plan_ranks
 from planner.scenario import ScenarioError, load_scenario, parse_scenario
 from planner.core.simulator import simulate
 

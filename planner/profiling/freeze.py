@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from planner.core.graph import Block, Calibration, Category, FixedMemory, Op, Phase, ProfiledGraph, Unit, Work
@@ -10,7 +11,7 @@ from planner.units import fingerprint
 
 def freeze(
     model: nn.Module,
-    device: "torch.device",
+    device: torch.device,
     rec: Recorder,
     fixed_sizes: dict[Category, int],
     grads: list[RecordedBlock],
