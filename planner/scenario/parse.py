@@ -1,42 +1,6 @@
-"""Training scenarios: a model, an example batch, a loss, a precision and an optimizer, from YAML.
+"""Reading and checking scenario files: every mistake names the file, the field and what is expected.
 
-A scenario file looks like this (only ``model`` and ``inputs`` are required)::
-
-    name: resnet                      # defaults to the file's stem
-    model: resnet                     # a zoo name, or "package.module:factory" for a user's model
-    args: {depth: 18, width: 16, num_classes: 10}   # keyword arguments of the factory
-    batch_size: 8                     # default 1
-    inputs:                           # positional inputs of forward; "B" in a shape is the batch size
-      - {shape: [B, 3, 32, 32], dtype: float32}
-    kwargs:                           # optional keyword inputs of forward: name -> tensor spec
-      attention_mask: {shape: [B, 64], dtype: bool}
-    target: {shape: [B], dtype: int64, high: 10}
-    loss: cross_entropy               # cross_entropy | lm_cross_entropy | mse | "package.module:function"
-    precision: float32                # float32 | bfloat16 | float16
-    optimizer: {name: adamw, lr: 1.0e-3}   # sgd | adam | adamw, plus keyword arguments of the torch optimizer
-    budget: "60%"                     # optional: a share of the GPU ("60%") or a size ("12GiB", bytes as an integer)
-    gpus: [a100-40gb, rtx4090]        # optional: GPU catalog names to compare
-    world_size: 2                     # optional: data-parallel ranks (default 1); batch_size is per rank
-    sharding: fsdp                    # optional: ddp (replicated, the default) or fsdp (FSDP2, sharded)
-    full:                             # optional full-size variant
-      args: {depth: 50, width: 64, num_classes: 1000}
-      batch_size: 256
-      inputs: [{shape: [B, 3, 224, 224], dtype: float32}]
-
-Tensor specs: ``shape`` (integers and ``"B"``), ``dtype`` (default float32), for integer dtypes
-``high`` (exclusive, required) and ``low`` (default 0), and ``fill`` for a constant tensor.
-Float tensors are standard normal, integer tensors uniform in [low, high), bool tensors True.
-``target`` is needed by the built-in losses; a custom loss is called as ``fn(output, target)``.
-``lm_cross_entropy`` flattens logits [B, T, V] against targets [B, T]. ``bfloat16`` and
-``float16`` mean autocast; parameters stay float32. The ``full`` variant overrides ``batch_size``,
-``inputs``, ``kwargs`` and ``target`` and updates ``args`` key by key. A "package.module:name"
-must be importable (on ``sys.path``).
-
-Usage::
-
-    scenario = load_scenario("resnet")          # built-in, or a path to a .yaml file
-    workload = scenario.build("small", device="cpu", seed=0)
-    loss = workload.step()                      # one training step, as a user would run it
+The format is described in `planner.scenario`.
 """
 
 from __future__ import annotations
@@ -44,21 +8,18 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import re
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import scenarios
+from planner.core.sizes import parse_budget
 from planner.distributed.engines import SHARDINGS
-from planner.workload import Workload
+from planner.scenario.build import _LOSSES, _OPTIMIZERS, _PRECISIONS, BATCH, OptimizerSpec, Scenario, ScenarioError, TensorSpec, Variant
 from scenarios.zoo import ZOO
 
 _TOP_FIELDS = (
@@ -72,197 +33,6 @@ _DTYPES = {
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
     "bool": torch.bool,
 }  # fmt: skip
-_PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-}
-_BUDGET = re.compile(r"^\d+(\.\d+)?\s*(%|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$")
-BATCH = "B"
-FAKE = "fake"  # a device name for Scenario.build: CPU tensors under a FakeTensorMode
-
-
-__all__ = [
-    "OptimizerSpec", "Scenario", "ScenarioError", "TensorSpec", "Variant", "Workload",
-    "list_scenarios", "load_scenario", "parse_scenario", "scenario_dir",
-]  # fmt: skip
-
-
-class ScenarioError(ValueError):
-    """A scenario file or argument is wrong; the message names the file, the field and what is expected."""
-
-
-# ---------------------------------------------------------------------------------------------- losses
-
-
-def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
-    """Mean cross entropy of logits [B, C, ...] against class indices [B, ...]."""
-    return F.cross_entropy(output, target)
-
-
-def lm_cross_entropy(output: Tensor, target: Tensor) -> Tensor:
-    """Mean next-token cross entropy of logits [B, T, V] against token ids [B, T]."""
-    return F.cross_entropy(output.flatten(0, -2), target.flatten())
-
-
-def mse(output: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error between tensors of the same shape."""
-    return F.mse_loss(output, target)
-
-
-_LOSSES: dict[str, Callable[[Any, Any], Tensor]] = {
-    "cross_entropy": cross_entropy,
-    "lm_cross_entropy": lm_cross_entropy,
-    "mse": mse,
-}
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """How to make one example tensor: ``shape`` may contain ``"B"``, the batch size."""
-
-    shape: tuple[int | str, ...]
-    dtype: torch.dtype = torch.float32
-    low: int = 0
-    high: int | None = None
-    fill: float | None = None
-
-    def sizes(self, batch_size: int) -> tuple[int, ...]:
-        """The concrete shape for ``batch_size``."""
-        return tuple(batch_size if d == BATCH else int(d) for d in self.shape)
-
-    def make(self, batch_size: int, device: torch.device, generator: torch.Generator) -> Tensor:
-        """A tensor on ``device``, drawn on the CPU from ``generator`` (empty on the meta device)."""
-        sizes = self.sizes(batch_size)
-        if device.type == "meta":
-            return torch.empty(sizes, dtype=self.dtype, device=device)
-        if self.fill is not None or self.dtype == torch.bool:
-            value = True if self.fill is None else self.fill
-            tensor = torch.full(sizes, value, dtype=self.dtype)
-        elif self.dtype.is_floating_point:
-            tensor = torch.randn(sizes, generator=generator, dtype=self.dtype)
-        else:
-            assert self.high is not None, "validated at load"
-            tensor = torch.randint(self.low, self.high, sizes, generator=generator, dtype=self.dtype)
-        return tensor.to(device)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One size of a scenario: factory arguments and the example batch."""
-
-    args: dict[str, Any]
-    batch_size: int
-    inputs: tuple[TensorSpec, ...]
-    kwargs: dict[str, TensorSpec]
-    target: TensorSpec | None
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """A torch optimizer by name (``sgd``, ``adam``, ``adamw``) and its keyword arguments."""
-
-    name: str
-    kwargs: dict[str, Any]
-
-    def build(self, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
-        return _OPTIMIZERS[self.name](params, **self.kwargs)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """A validated scenario file; ``build`` turns a variant of it into a runnable ``Workload``."""
-
-    name: str
-    path: Path
-    model: str
-    small: Variant
-    full: Variant | None
-    loss: str
-    precision: str
-    optimizer: OptimizerSpec
-    budget: str | int | None
-    gpus: tuple[str, ...]
-    factory: Callable[..., nn.Module] = field(repr=False, compare=False)
-    loss_fn: Callable[[Any, Any], Tensor] = field(repr=False, compare=False)
-    world_size: int = 1
-    sharding: str | None = None  # ddp or fsdp; None: ddp when world_size > 1
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        """The autocast dtype of ``precision``; None for float32."""
-        return _PRECISIONS[self.precision]
-
-    @property
-    def variants(self) -> tuple[str, ...]:
-        """The variant names this scenario has: "small", and "full" when given."""
-        return ("small",) if self.full is None else ("small", "full")
-
-    def variant(self, name: str = "small") -> Variant:
-        """The variant ``name``; ScenarioError when the scenario has none of that name."""
-        if name not in self.variants:
-            raise ScenarioError(f"{self.path.name}: no variant {name!r}; valid: {', '.join(self.variants)}")
-        if name == "full" and self.full is not None:
-            return self.full
-        return self.small
-
-    def build_model(self, variant: str = "small", device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
-        """The model of ``variant`` in training mode, on ``device``, float32.
-
-        On "meta" the model is constructed under ``torch.device("meta")`` and allocates nothing.
-        Elsewhere it is initialised on the CPU from ``seed`` (torch's global generator is restored
-        afterwards), then moved, so every device gets the same weights.
-        """
-        args, device = self.variant(variant).args, torch.device(device)
-        if device.type == "meta":
-            with torch.device(device):
-                return self._call_factory(args)
-        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-            torch.default_generator.manual_seed(seed)
-            model = self._call_factory(args)
-        return model if device.type == "cpu" else model.to(device)
-
-    def build(
-        self,
-        variant: str = "small",
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-        batch_size: int | None = None,
-    ) -> Workload:
-        """Model, example inputs and target (deterministic from ``seed``), loss and optimizer of ``variant``.
-
-        ``batch_size`` overrides the variant's. On the meta device the tensors are empty. ``"fake"``
-        builds for the CPU under a ``FakeTensorMode``: the tensors have shapes, dtypes and storages but
-        no memory, and profiling them runs the CPU's autocast and kernel choices without allocating.
-        """
-        if device == FAKE:
-            with FakeTensorMode():
-                return self.build(variant, "cpu", seed, batch_size)
-        spec, device = self.variant(variant), torch.device(device)
-        if batch_size is not None and not _is_positive_int(batch_size):
-            raise ScenarioError(f"{self.path.name}: batch_size must be a positive integer, got {batch_size!r}")
-        batch = spec.batch_size if batch_size is None else batch_size
-        model = self.build_model(variant, device, seed)
-        generator = torch.Generator().manual_seed(seed)
-        inputs = tuple(s.make(batch, device, generator) for s in spec.inputs)
-        kwargs = {k: s.make(batch, device, generator) for k, s in spec.kwargs.items()}
-        target = None if spec.target is None else spec.target.make(batch, device, generator)
-        optimizer = self.optimizer.build(model.parameters())
-        return Workload(model, inputs, kwargs, target, self.loss_fn, optimizer, self.autocast_dtype, device)
-
-    def _call_factory(self, args: dict[str, Any]) -> nn.Module:
-        try:
-            return self.factory(**args)
-        except ValueError as error:
-            message = f"{self.path.name}: field 'args': model {self.model!r} rejected them: {error}"
-            raise ScenarioError(message) from error
-
-
-# ---------------------------------------------------------------------------------------------- loading
 
 
 def scenario_dir() -> Path:
@@ -336,9 +106,6 @@ def _locate(path_or_name: str | Path) -> Path:
     if not path.is_file():
         raise ScenarioError(f"{path}: no such scenario file")
     return path
-
-
-# ---------------------------------------------------------------------------------------------- fields
 
 
 def _fail(where: str, name: str, expected: str, got: Any) -> NoReturn:
@@ -519,7 +286,9 @@ def _as_number(value: Any) -> Any:
 def _parse_budget(where: str, value: Any) -> str | int | None:
     if value is None or _is_positive_int(value):
         return value
-    if not isinstance(value, str) or not _BUDGET.match(value.strip()):
+    try:
+        parse_budget(value, 100)  # only to check it: a share needs the unplanned peak
+    except (ValueError, TypeError):
         _fail(where, "budget", "a share such as '60%', a size such as '12GiB', or bytes as an integer", value)
     return value.strip()
 
