@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench.synthetic import training_step
-from solvers import SOLVERS, Problem, Status
+from solvers import SOLVERS, Problem, Status, get_solver
 
 SIZES = (100, 1_000, 10_000)
 TIME_LIMIT_S = 10.0
@@ -57,7 +57,7 @@ def _solve(problem: Problem, name: str, n: int, shape: str) -> dict:
     runs = []  # (wall, cpu, solution); the median by wall is reported
     for _ in range(1 if name == "ilp" or n >= LARGE_UNITS else REPEATS):
         wall, cpu = time.perf_counter(), time.process_time()
-        solution = SOLVERS[name](problem, limit)
+        solution = get_solver(name)(problem, limit)
         runs.append((time.perf_counter() - wall, time.process_time() - cpu, solution))
     wall, cpu, solution = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     peak = problem.peak_bytes(solution.chosen) if n < LARGE_UNITS else None  # the pure-Python referee is slow
@@ -77,7 +77,7 @@ def _warm_up() -> None:
     """Load CP-SAT and numpy paths once, so the first timed solve does not pay for it."""
     problem = training_step(20, skips=False, seed=1)
     for name in SOLVERS:
-        SOLVERS[name](problem, 5.0)
+        get_solver(name)(problem, 5.0)
 
 
 def _row(r: dict) -> str:

@@ -31,16 +31,13 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import fields, is_dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from planner.core.graph import Category
 from planner.torch_internals import CpuScratch, TorchDispatchMode, is_wrapper_subclass, watching_storage_resizes
-
-if TYPE_CHECKING:  # the step builds on this module
-    from planner.step import Batch
 
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to this
 # Queries of a tensor's metadata that reach the dispatcher for fake tensors: no kernel, no memory.
@@ -251,12 +248,12 @@ class StorageTracker(TorchDispatchMode):
         pass
 
 
-def fixed_groups(model: nn.Module, batch: Batch, optimizer) -> dict[Category, list[torch.Tensor]]:
-    """The tensors alive before the step, by category."""
+def fixed_groups(model: nn.Module, batch: Any, optimizer) -> dict[Category, list[torch.Tensor]]:
+    """The tensors alive before the step, by category; `batch` is whatever holds the step's inputs."""
     return {
         Category.PARAMETERS: list(model.parameters()),
         Category.BUFFERS: list(model.buffers()),
-        Category.INPUTS: list(tensors_in((batch.args, batch.kwargs))),
+        Category.INPUTS: list(tensors_in(batch)),
         Category.OPTIMIZER: optimizer_tensors(optimizer),
     }
 

@@ -12,6 +12,7 @@ in `solvers.arrays`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,12 +38,32 @@ class Item:
     least: int = 0  # bytes every option holding some at x holds there together (<= 0): later steps add no less
 
 
+@dataclass(frozen=True)
+class Steps:
+    """The steps from one boundary a, keeping unit a first: arrays over the steps."""
+
+    option: np.ndarray  # KEEP, then the options whose first unit is a
+    last: np.ndarray  # the last unit each covers
+    cost: np.ndarray  # ms
+    freeing: np.ndarray  # bytes (held bytes left out)
+    threshold: np.ndarray  # the least S before the step that the constraints checked on it need
+
+
+class Landing(NamedTuple):
+    """Where one step from a boundary leads, and what it adds."""
+
+    boundary: int  # the boundary after it
+    cost: float  # ms
+    freeing: int  # bytes added to S
+    option: int  # KEEP for a kept unit
+
+
 @dataclass
 class Model:
     """Everything the scan needs."""
 
     n_units: int
-    steps: list[tuple[np.ndarray, ...]]  # per unit a: option (KEEP first), last unit, cost, total, threshold
+    steps: list[Steps]  # per boundary a < n_units
     tracked: list[Item]
     live: list[list[int]]  # per boundary: the tracked items in V, in key order
     cap: np.ndarray  # per boundary: the most S any later check can use
@@ -63,8 +84,8 @@ class Model:
         """Per unit a, what the steps from boundary a read, check or carry of the tracked items: those with
         init <= the last unit of a step from a (or an earlier boundary's) and check >= a."""
         n, items = self.n_units, len(self.tracked)
-        count = np.array([len(step[0]) for step in self.steps])
-        furthest = np.maximum.accumulate([int(step[1].max()) for step in self.steps])
+        count = np.array([len(step.option) for step in self.steps])
+        furthest = np.maximum.accumulate([int(step.last.max()) for step in self.steps])
         # pairs (boundary a, item i), by a then i
         lo = np.searchsorted(furthest, self.item_init)
         span = np.maximum(self.item_check - lo + 1, 0)
@@ -78,7 +99,7 @@ class Model:
         q_pair = np.repeat(np.arange(len(pair_a)), count[pair_a])
         q_step = step_first[pair_a[q_pair]] + _ranks(count[pair_a])
         q_a, q_item = pair_a[q_pair], pair_item[q_pair]
-        opt, end, cost, total, _ = (np.concatenate(column) for column in zip(*self.steps))
+        opt, end, cost, total = (np.concatenate([getattr(s, f) for s in self.steps]) for f in ("option", "last", "cost", "freeing"))
         q_opt, q_end = opt[q_step], end[q_step]
         first, check, option = self.item_first[q_item], self.item_check[q_item], self.item_option[q_item]
         dropped = (option != KEEP) & (q_a <= first) & (first <= q_end) & (q_opt != option)
@@ -106,7 +127,7 @@ class Model:
         padded = after < 0
         rows = np.where(padded, 0, rows - pair_first[step_a][:, None])
         live_count = (~padded).sum(axis=1)
-        steps = list(zip((end + 1).tolist(), cost.tolist(), total.tolist(), opt.tolist()))
+        steps = list(map(Landing._make, zip((end + 1).tolist(), cost.tolist(), total.tolist(), opt.tolist())))
         out, q = [], 0
         for a in range(n):
             ids = pair_item[pair_first[a] : pair_first[a] + per_a[a]]
@@ -148,7 +169,7 @@ class Reach:
     live_rows: np.ndarray  # [steps, W]: the rows of the items live after each step, padded with row 0
     padded: np.ndarray  # [steps, W]
     live_count: list[int]  # per step
-    steps: list[tuple[int, float, int, int]]  # per step: boundary after it, cost, freeing bytes, option
+    steps: list[Landing]  # per step
 
 
 def model_of(problem: Problem, arr: Arrays) -> Model | None:
@@ -196,7 +217,7 @@ def model_of(problem: Problem, arr: Arrays) -> Model | None:
         least[is_row] = held[x[is_row]]
         least[~is_row] = arrays.least_at(arr, x[~is_row])
     cap = np.maximum(
-        _cap(n, np.arange(n), np.array([step[4].max() for step in steps])),  # S above every later threshold
+        _cap(n, np.arange(n), np.array([step.threshold.max() for step in steps])),  # S above every later threshold
         _cap(n, np.array([i.init for i in tracked], dtype=np.int64), np.array([i.need for i in tracked]) - least),
     )
     for item, low in zip(tracked, least):
@@ -279,19 +300,19 @@ def _cap(n: int, check: np.ndarray, need: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(cap[::-1])[::-1][: n + 1]
 
 
-def _steps(n: int, arr: Arrays, thr: np.ndarray, keep_thr: np.ndarray):
+def _steps(n: int, arr: Arrays, thr: np.ndarray, keep_thr: np.ndarray) -> list[Steps]:
     order = np.lexsort((arr.option_last_unit, arr.option_first_unit))
     starts = np.searchsorted(arr.option_first_unit[order], np.arange(n + 1))
     steps = []
     for a in range(n):
         o = order[starts[a] : starts[a + 1]]
         steps.append(
-            (
-                np.concatenate([[KEEP], o]),
-                np.concatenate([[a], arr.option_last_unit[o]]),
-                np.concatenate([[0.0], arr.option_cost_ms[o]]),
-                np.concatenate([[0], arr.option_freeing[o]]),
-                np.concatenate([[keep_thr[a]], thr[o]]),
+            Steps(
+                option=np.concatenate([[KEEP], o]),
+                last=np.concatenate([[a], arr.option_last_unit[o]]),
+                cost=np.concatenate([[0.0], arr.option_cost_ms[o]]),
+                freeing=np.concatenate([[0], arr.option_freeing[o]]),
+                threshold=np.concatenate([[keep_thr[a]], thr[o]]),
             )
         )
     return steps

@@ -38,6 +38,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 
@@ -81,6 +82,16 @@ class _States:
                 chosen.append(int(self.option[state]))
             state = int(self.parent[state])
         return tuple(sorted(chosen))
+
+
+class _Part(NamedTuple):
+    """States first..last (exclusive) of a group at some boundary, each with one step applied."""
+
+    first: int
+    last: int
+    cost: float  # the step's ms
+    s: int  # the step's freeing bytes
+    option: int  # the step's option, KEEP for a kept unit
 
 
 @dataclass
@@ -145,13 +156,13 @@ def _run(
 ) -> tuple[list[_Group], _States, bool, bool]:
     """Pareto fronts boundary by boundary; the last one's groups, the states, whether thinned or late.
 
-    A step from the states first..first + count of a group at boundary a lands at boundary b + 1 as a
-    part (first + lo, first + hi, step cost, step S, option) under the key it leaves."""
+    A step from the states of a group at boundary a lands at the boundary after it as a `_Part` under
+    the key it leaves."""
     n = model.n_units
     pending: list[dict] = [{} for _ in range(n + 1)]
     states = _States()
     root = states.add(np.zeros(1), np.zeros(1, dtype=np.int64), np.full(1, -1), np.full(1, KEEP))
-    pending[0][()] = [(root, root + 1, 0.0, 0, KEEP)]
+    pending[0][()] = [_Part(root, root + 1, 0.0, 0, KEEP)]
     thinned = late = False
     groups: list[_Group] = []
     reaches = model.reaches()
@@ -167,7 +178,7 @@ def _run(
         pending[a] = {}
         if a < n:
             for group in groups:
-                _expand(a, group, reaches[a], model.steps[a][4], pending)
+                _expand(a, group, reaches[a], model.steps[a].threshold, pending)
     return groups, states, thinned, late
 
 
@@ -176,7 +187,7 @@ def _front(children: dict, states: _States, model: Model, a: int, max_states: in
     are also dropped when a state with none dominates them. Thinned to max_states per key."""
     groups, cut = [], False
     for key, parts in children.items():
-        lo, hi, step_cost, step_s, step_option = np.fromiter(chain(*parts), float, 5 * len(parts)).reshape(-1, 5).T
+        lo, hi, step_cost, step_s, step_option = np.fromiter(chain(*parts), float, 5 * len(parts)).reshape(-1, 5).T  # _Part fields
         length = (hi - lo).astype(np.int64)
         part = np.repeat(np.arange(len(parts)), length)  # of each new state
         parent = np.arange(int(length.sum())) + np.repeat(lo.astype(np.int64) - (np.cumsum(length) - length), length)
@@ -266,5 +277,6 @@ def _expand(a: int, group: _Group, reach: Reach, thr: np.ndarray, pending: list[
     step, piece = np.nonzero(lo < hi)
     first = group.first
     for t, i, j, key in zip(step.tolist(), lo[step, piece].tolist(), hi[step, piece].tolist(), keys[step, piece].tolist()):
-        b, c, tot, o = reach.steps[t]
-        pending[b].setdefault(tuple(key[: reach.live_count[t]]), []).append((first + i, first + j, c, tot, o))
+        landing = reach.steps[t]
+        part = _Part(first + i, first + j, landing.cost, landing.freeing, landing.option)
+        pending[landing.boundary].setdefault(tuple(key[: reach.live_count[t]]), []).append(part)

@@ -84,12 +84,12 @@ def _swap(problem: Problem, arr: Arrays, state: _State) -> list[int] | None:
 
 @dataclass
 class _Static:
-    """Per option: rows covered by some entry [lo, hi] and by all [flo, fhi]; partial rows with their bytes."""
+    """Per option: the rows its entries cover, fully freed and partly freed ones; rows as in `solvers.arrays`."""
 
-    lo: np.ndarray
-    hi: np.ndarray
-    flo: np.ndarray
-    fhi: np.ndarray
+    lo: np.ndarray  # first row some entry covers
+    hi: np.ndarray  # last row some entry covers
+    full_lo: np.ndarray  # first row every freeing entry covers (and no held one): it frees its freeing bytes there
+    full_hi: np.ndarray  # last such row; full_lo > full_hi where there is none
     part_option: np.ndarray  # options with partial rows
     part_start: np.ndarray  # where each of them starts among the (row, bytes) pairs
     part_row: np.ndarray  # partial (row, bytes) pairs, grouped by option
@@ -109,17 +109,17 @@ def _static(arr: Arrays) -> _Static:
     np.maximum.at(hi, opt[nonempty], e_hi[nonempty])
     # full rows: covered by every freeing entry and no held one (held rows are listed as partial below)
     freeing = arr.entry_bytes > 0
-    flo, fhi = np.full(n, -1), np.full(n, rows)
-    np.maximum.at(flo, opt[freeing], e_lo[freeing])
-    np.minimum.at(fhi, opt[freeing], e_hi[freeing])
-    f_lo, f_hi = np.full(n, rows), np.full(n, -1)
-    np.minimum.at(f_lo, opt[freeing & nonempty], e_lo[freeing & nonempty])
-    np.maximum.at(f_hi, opt[freeing & nonempty], e_hi[freeing & nonempty])
-    has_full = flo <= fhi
-    # partial rows: [f_lo, flo) and (fhi, f_hi] when some row is full, else all of [f_lo, f_hi]; held rows
+    full_lo, full_hi = np.full(n, -1), np.full(n, rows)
+    np.maximum.at(full_lo, opt[freeing], e_lo[freeing])
+    np.minimum.at(full_hi, opt[freeing], e_hi[freeing])
+    freeing_lo, freeing_hi = np.full(n, rows), np.full(n, -1)  # the rows some freeing entry covers
+    np.minimum.at(freeing_lo, opt[freeing & nonempty], e_lo[freeing & nonempty])
+    np.maximum.at(freeing_hi, opt[freeing & nonempty], e_hi[freeing & nonempty])
+    has_full = full_lo <= full_hi
+    # partial rows: [freeing_lo, full_lo) and (full_hi, freeing_hi] when some row is full, else all of [freeing_lo, freeing_hi]; held rows
     held = (arr.entry_bytes < 0) & nonempty
-    seg_lo = np.concatenate([f_lo, np.where(has_full, fhi + 1, f_hi + 1), e_lo[held]])
-    seg_hi = np.concatenate([np.where(has_full, flo - 1, f_hi), f_hi, e_hi[held]])
+    seg_lo = np.concatenate([freeing_lo, np.where(has_full, full_hi + 1, freeing_hi + 1), e_lo[held]])
+    seg_hi = np.concatenate([np.where(has_full, full_lo - 1, freeing_hi), freeing_hi, e_hi[held]])
     seg_opt = np.concatenate([np.arange(n), np.arange(n), opt[held]])
     length = np.maximum(seg_hi - seg_lo + 1, 0)
     order = np.argsort(seg_opt, kind="stable")
@@ -131,18 +131,18 @@ def _static(arr: Arrays) -> _Static:
     part_options, part_start = np.unique(part_option, return_index=True)
     by_back = np.argsort(arr.option_back, kind="stable")
     return _Static(
-        lo,
-        hi,
-        flo,
-        fhi,
-        part_options,
-        part_start,
-        part_row,
-        part_bytes,
-        by_back,
-        arr.option_back[by_back],
-        arr.row_of_tick(arr.option_back),
-        arrays.tick_cover(arr).at(np.arange(n), arr.option_back),
+        lo=lo,
+        hi=hi,
+        full_lo=full_lo,
+        full_hi=full_hi,
+        part_option=part_options,
+        part_start=part_start,
+        part_row=part_row,
+        part_bytes=part_bytes,
+        by_back=by_back,
+        backs=arr.option_back[by_back],
+        tick_row=arr.row_of_tick(arr.option_back),
+        self_freed=arrays.tick_cover(arr).at(np.arange(n), arr.option_back),
     )
 
 
@@ -229,8 +229,8 @@ class _State:
         """The option freeing most bytes per ms through rows at the peak (several rows hold it)."""
         s = self.static
         at_peak = np.concatenate([[0], np.cumsum(eff == peak)])
-        flo, fhi = s.flo[cand], s.fhi[cand]
-        count = np.where(flo <= fhi, at_peak[np.clip(fhi + 1, 0, len(eff))] - at_peak[np.clip(flo, 0, len(eff))], 0)
+        full_lo, full_hi = s.full_lo[cand], s.full_hi[cand]
+        count = np.where(full_lo <= full_hi, at_peak[np.clip(full_hi + 1, 0, len(eff))] - at_peak[np.clip(full_lo, 0, len(eff))], 0)
         if not (count > 0).any():
             return None
         score = count * self.arr.option_freeing[cand] / np.maximum(cost, 1e-12)
@@ -258,14 +258,14 @@ def _estimate(eff: np.ndarray, s: _Static, arr: Arrays, cand: np.ndarray, freed_
     rows = len(eff)
     prefix = np.maximum.accumulate(eff)
     suffix = np.maximum.accumulate(eff[::-1])[::-1]
-    lo, hi, flo, fhi = s.lo[cand], s.hi[cand], s.flo[cand], s.fhi[cand]
+    lo, hi, full_lo, full_hi = s.lo[cand], s.hi[cand], s.full_lo[cand], s.full_hi[cand]
     covered = lo <= hi
     left = np.where(covered & (lo > 0), prefix[np.clip(lo - 1, 0, rows - 1)], NONE)
     right = np.where(covered & (hi < rows - 1), suffix[np.clip(hi + 1, 0, rows - 1)], NONE)
     outside = np.where(covered, np.maximum(left, right), prefix[-1])
-    has_full = flo <= fhi
+    has_full = full_lo <= full_hi
     full = np.full(len(cand), NONE, dtype=np.int64)
-    full[has_full] = _range_max(eff, flo[has_full], fhi[has_full]) - arr.option_freeing[cand[has_full]]
+    full[has_full] = _range_max(eff, full_lo[has_full], full_hi[has_full]) - arr.option_freeing[cand[has_full]]
     partial = np.full(arr.n_options, NONE, dtype=np.int64)
     if len(s.part_option):
         partial[s.part_option] = np.maximum.reduceat(eff[s.part_row] - s.part_bytes, s.part_start)

@@ -193,8 +193,12 @@ def expect_error(tmp_path: Path, text: str, *fragments: str) -> str:
     return message
 
 
-def test_error_is_a_value_error() -> None:
-    assert issubclass(ScenarioError, ValueError)
+def test_a_bad_scenario_is_one_line_and_status_2_on_the_command_line(tmp_path: Path, capsys) -> None:
+    from planner.cli import main
+
+    assert main(["profile", str(write(tmp_path, VALID.replace("batch_size: 2", "batch_size: -4")))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: bad.yaml: field 'batch_size'"), err
 
 
 @pytest.mark.parametrize("missing", ["model", "inputs"])
