@@ -7,6 +7,14 @@ freeing bytes of the options chosen before that step, when every earlier
 option frees exactly its freeing bytes there; or, when not, on its own freed
 sum, tracked from the step covering unit `init`. Bytes, ms, rows and ticks as
 in `solvers.arrays`.
+
+Example. A row that needs 7 bytes freed, where options A = [0] (4 bytes) and
+B = [1..2] (6 bytes) free exactly their freeing bytes, is checked on the step
+covering its last freeing unit, 2: taking B there needs S >= 7 - 6 = 1 before
+it, keeping unit 2 needs S >= 7 (the step's threshold, `Steps.threshold`). Had
+A freed only 2 of its 4 bytes in that row (an entry of A ends inside it), S
+would not tell what is freed there: the row would be tracked instead, its own
+freed sum carried in V from the step covering A's unit on.
 """
 
 from __future__ import annotations

@@ -31,6 +31,19 @@ shares, enough to reach the largest later row need); the plan is then
 FEASIBLE (TIME_LIMIT once past the time limit, when fronts shrink to
 LATE_STATES), and INFEASIBLE only says this search found none. Every plan is
 checked against the exact peak before it is returned.
+
+Example. Three units and one row that needs 7 bytes freed, where every option
+frees exactly its freeing bytes: A = [0] (4 bytes, 1 ms), C = [1] (3 bytes,
+2 ms), B = [1..2] (6 bytes, 3 ms). The row is checked on the step covering
+unit 2, so that step needs S before it >= 7 - what the step frees:
+
+    boundary 0: (0 ms, S 0)
+    boundary 1: keep 0 -> (0, 0); A -> (1, 4)
+    boundary 2: keep 1 -> (0, 0), (1, 4); C -> (2, 3), (3, 7)   front: (0, 0), (1, 4), (3, 7)
+    boundary 3: B from boundary 1 needs S >= 1: (1, 4) -> (4, 10);
+                keep 2 from boundary 2 needs S >= 7: (3, 7) -> (3, 7)
+
+The cheapest state at boundary 3 costs 3 ms: the plan is {A, C}.
 """
 
 from __future__ import annotations
