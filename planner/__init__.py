@@ -6,9 +6,9 @@
     plan = planner.plan(graph, "60%")      # keep / recompute / offload per unit
     handle = planner.apply(model, plan)    # train as before; handle.remove() undoes it
     handle = planner.auto(model, batch, "60%", loss_fn=..., optimizer=...)   # all three at once
+    handle = planner.plan_trainer(trainer, "60%")   # a Hugging Face Trainer, before trainer.train()
 
-Submodules that need no torch (graph, simulate) import without it, so the
-solvers can use them; the rest is loaded on first use.
+`planner.core` and the solvers import without torch; the rest is loaded on first use.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ _EXPORTS = {
     "save_plan": "planner.planning",
     "load_plan": "planner.planning",
     "apply": "planner.execution",
+    "plan_trainer": "planner.trainer",
     "compare": "planner.compare",
     "ProfiledGraph": "planner.core.graph",
     "Batch": "planner.step",

@@ -85,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("compare", help="which GPUs can train a scenario, with or without a plan, and how fast")
     p.add_argument("scenario", metavar="SCENARIO", help="a built-in scenario name or a path to a YAML file")
     p.add_argument("--gpus", metavar="A,B,...", help="catalog names (default: the scenario's gpus, else all)")
-    p.add_argument("--variant", choices=("small", "full"), default="full", help="model size (default: full)")
+    p.add_argument("--variant", choices=("small", "full"), help="model size (default: full where the scenario has it)")
+    p.add_argument("--world-size", type=_positive_int, metavar="N",
+                   help="GPUs training together (default: the scenario's); above 1, the table also says the fewest "
+                   "GPUs of each kind, up to N, that train it without and with a plan")  # fmt: skip
+    p.add_argument("--sharding", choices=("ddp", "fsdp"), help="replicated (ddp) or sharded (fsdp) (default: the scenario's, else ddp)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--batch", type=_positive_int, metavar="B", help="batch size (default: the scenario's)")
     size.add_argument("--max-batch", action="store_true", help="also find the largest batch size that fits")
@@ -376,16 +380,20 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     scenario = load_scenario(args.scenario)
     catalog = load_catalog(args.catalog)
     gpus = find_gpus(args.gpus or list(scenario.gpus) or list(catalog), catalog)
-    batch = args.batch or scenario.variant(args.variant).batch_size
+    variant = args.variant or scenario.variants[-1]
+    batch = args.batch or scenario.variant(variant).batch_size
+    world_size = args.world_size or scenario.world_size
+    sharding = args.sharding or scenario.sharding or "ddp"
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"{scenario.name} ({args.variant}) on {len(gpus)} GPUs", total=len(gpus))
+        task = progress.add_task(f"{scenario.name} ({variant}) on {len(gpus)} GPUs", total=len(gpus))
         results = compare(
-            scenario, gpus, variant=args.variant, batch_size=batch, max_batch=args.max_batch,
-            max_overhead=args.max_overhead, solver=args.solver, tf32=args.tf32,
-            on_gpu=lambda result: progress.advance(task),
+            scenario, gpus, variant=variant, batch_size=batch, max_batch=args.max_batch,
+            max_overhead=args.max_overhead, solver=args.solver, tf32=args.tf32, world_size=world_size,
+            sharding=sharding, cards=world_size > 1, on_gpu=lambda result: progress.advance(task),
         )  # fmt: skip
     precision = scenario.precision + (" (TF32)" if args.tf32 and scenario.precision == "float32" else "")
-    title = f"{scenario.name} ({args.variant}), batch {batch}, {precision}, {scenario.optimizer.name}"
+    ranks = f", {world_size} GPUs ({sharding}), batch per GPU" if world_size > 1 else ", batch"
+    title = f"{scenario.name} ({variant}){ranks} {batch}, {precision}, {scenario.optimizer.name}"
     console.print(comparison_table(results, title, max_batch=args.max_batch))
     needed = [r.needed_bytes for r in results if r.needed_bytes is not None]
     if not any(r.fits for r in results):
@@ -400,7 +408,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     if args.export is not None:
         from planner.export import write
 
-        data = {"scenario": scenario.name, "variant": args.variant, "batch_size": batch,
+        data = {"scenario": scenario.name, "variant": variant, "batch_size": batch, "world_size": world_size,
                 "precision": scenario.precision, "tf32": args.tf32, "max_overhead": args.max_overhead,
                 "results": [r.to_dict() for r in results]}  # fmt: skip
         console.print(f"wrote the comparison to {write(data, args.export)}")

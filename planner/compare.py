@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,15 @@ from planner.core.batchscale import at_batch_size
 from planner.core.costmodel import REFERENCE, Roofline, retime
 from planner.core.gpus import GPU, find_gpus, load_catalog
 from planner.core.graph import ProfiledGraph
-from planner.planning import InfeasibleBudget, plan
-from planner.scenario import FAKE, Scenario, load_scenario
+from planner.core.plan import Plan
 from planner.core.simulator import simulate
+from planner.distributed.engines import check_sharding
+from planner.distributed.estimate import estimate_rank_graph
+from planner.planning import InfeasibleBudget, plan
+from planner.profiling import profile
+from planner.scenario import FAKE, Scenario, load_scenario
 from solvers import build_problem
 from solvers.ilp import min_peak
-from planner.core.plan import Plan
 
 MAX_BATCH_LIMIT = 1 << 20  # the batch-size search stops here
 
@@ -67,6 +70,9 @@ class GpuResult:
     needed_bytes: int | None = None
     max_batch: int | None = None
     max_batch_samples_per_s: float | None = None
+    world_size: int = 1  # GPUs training it together (each with batch_size samples)
+    cards_unplanned: int | None = None  # with `cards`: the fewest GPUs that train it unplanned (None: more)
+    cards_planned: int | None = None  # ... and with a plan
     plan: Plan | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,12 +103,14 @@ def compare(
     scenario: str | Path | Scenario,
     gpus: str | list[str] | list[GPU] | None = None,
     *,
-    variant: str = "full",
+    variant: str | None = None,
     batch_size: int | None = None,
     max_batch: bool = False,
     max_overhead: float = 0.10,
     solver: str = "auto",
-    world_size: int = 1,
+    world_size: int | None = None,
+    sharding: str | None = None,
+    cards: bool = False,
     tf32: bool = False,
     catalog: str | Path | None = None,
     time_limit_s: float = 5.0,
@@ -111,31 +119,70 @@ def compare(
     """One result per GPU, in the order given.
 
     `gpus` are catalog names (a list or "a,b,c") or GPU entries; None takes the scenario's
-    `gpus`, else the whole catalog (built-in plus the file `catalog`). `batch_size` defaults to
-    the variant's. `max_overhead` is the most extra time a plan may add, as a share of the step.
-    `world_size` GPUs train data-parallel (DDP), each on `batch_size` samples: each also holds
-    gradient buckets (`distributed.estimate_rank_graph`), and throughput scales with the world
-    size (the gradient all-reduce is not timed). A float32 step runs its matrix products at the
+    `gpus`, else the whole catalog (built-in plus the file `catalog`). `variant` defaults to the
+    scenario's full one where it has one, `batch_size` to the variant's. `max_overhead` is the most
+    extra time a plan may add, as a share of the step. `world_size` GPUs (default: the scenario's)
+    train data-parallel, each on `batch_size` samples, replicated (`sharding` "ddp": each also holds
+    gradient buckets) or sharded ("fsdp": parameters, gradients and optimizer state divided among
+    them), as `distributed.estimate_rank_graph` estimates; throughput scales with the world size (the
+    collectives are not timed). With `cards`, each result also says the fewest GPUs of its kind,
+    among 1, 2, 4, ... up to `world_size`, that train the step unplanned and with a plan. A float32 step runs its matrix products at the
     FP32 rate, or with `tf32` at the TF32 rate (as with `torch.backends.cuda.matmul.allow_tf32`).
     `on_gpu` is called with each result when it is ready.
     """
     scenario = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
     chosen = _gpus(scenario, gpus, catalog)
+    variant = variant or scenario.variants[-1]
+    world_size = scenario.world_size if world_size is None else world_size
+    sharding = check_sharding(sharding or scenario.sharding or "ddp")
     if not 0 <= max_overhead < math.inf:
         raise ValueError(f"max_overhead must be a non-negative share such as 0.1, got {max_overhead!r}")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     batch = scenario.variant(variant).batch_size if batch_size is None else batch_size
-    profiles = _Profiles(scenario, variant, world_size, time_limit_s)
+    profiles = _Profiles(scenario, variant, world_size, sharding, time_limit_s)
     results = []
     for gpu in chosen:
-        gauge = _Gauge(profiles, gpu.roofline(scenario.precision, tf32), gpu, max_overhead, solver, time_limit_s)
+        roofline = gpu.roofline(scenario.precision, tf32)
+        gauge = _Gauge(profiles, roofline, gpu, max_overhead, solver, time_limit_s)
         fit = gauge.fit(batch)
         best = _max_batch(gauge, profiles, batch) if max_batch else None
         result = _result(gpu, batch, fit, world_size, best, gauge.fit(best) if best else None)
+        if cards:
+            result = replace(result, **_cards(profiles, roofline, gpu, batch, max_overhead, solver, time_limit_s))
         on_gpu(result)
         results.append(result)
     return results
+
+
+def _cards(profiles: _Profiles, roofline: Roofline, gpu: GPU, batch: int, max_overhead: float, solver: str,
+           time_limit_s: float) -> dict[str, int | None]:  # fmt: skip
+    """The fewest GPUs, among 1, 2, 4, ... up to the profiles' world size, that train the step
+    unplanned and with a plan (None: not even that many). More GPUs never need more memory each, so
+    each is a binary search; memory alone rules a count out where no plan reaches its GPU's memory."""
+    counts = sorted({1 << k for k in range(profiles.world_size.bit_length()) if 1 << k <= profiles.world_size} | {profiles.world_size})
+
+    def fits(count: int, planned: bool) -> bool:
+        at = profiles.at(count)
+        if at.unplanned_peak(batch) <= gpu.usable_bytes:
+            return True
+        if not planned or at.smallest_peak(batch) > gpu.usable_bytes:
+            return False
+        return _Gauge(at, roofline, gpu, max_overhead, solver, time_limit_s).fit(batch).fits
+
+    return {"cards_unplanned": _fewest(counts, lambda c: fits(c, False)), "cards_planned": _fewest(counts, lambda c: fits(c, True))}
+
+
+def _fewest(counts: list[int], fits: Callable[[int], bool]) -> int | None:
+    """The first of `counts` that fits, for `fits` false and then true along them (None: none fits)."""
+    lo, hi = 0, len(counts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(counts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return counts[lo] if lo < len(counts) else None
 
 
 def _gpus(scenario: Scenario, gpus: str | list[str] | list[GPU] | None, catalog: str | Path | None) -> list[GPU]:
@@ -153,23 +200,35 @@ class _Profiles:
     structure agrees, and profiles for real where it does not.
     """
 
-    def __init__(self, scenario: Scenario, variant: str, world_size: int, time_limit_s: float) -> None:
-        self.scenario, self.variant, self.world_size, self.time_limit_s = scenario, variant, world_size, time_limit_s
+    def __init__(self, scenario: Scenario, variant: str, world_size: int, sharding: str, time_limit_s: float,
+                 one_rank: dict | None = None) -> None:  # fmt: skip
+        self.scenario, self.variant, self.time_limit_s = scenario, variant, time_limit_s
+        self.world_size, self.sharding = world_size, sharding
+        self.one_rank = {} if one_rank is None else one_rank  # batch size -> (profile in one process, its model)
         self.graphs: dict[int, ProfiledGraph] = {}
         self.peaks: dict[int, int] = {}  # unplanned peak by batch size
         self.smallest: dict[int, int] = {}  # the smallest peak any plan reaches, where known
         self.references: tuple[int, int] | None = None
+        self.others: dict[int, _Profiles] = {}
+
+    def at(self, world_size: int) -> _Profiles:
+        """The same profiles for another world size (the one-process profiles are shared), made once."""
+        if world_size == self.world_size:
+            return self
+        if world_size not in self.others:
+            self.others[world_size] = _Profiles(self.scenario, self.variant, world_size, self.sharding,
+                                                self.time_limit_s, self.one_rank)  # fmt: skip
+        return self.others[world_size]
 
     def graph(self, batch_size: int) -> ProfiledGraph:
         if batch_size not in self.graphs:
-            from planner.profiling import profile
-
-            w = self.scenario.build(self.variant, device=FAKE, batch_size=batch_size)
-            graph = profile(w.model, w.batch, w.loss_closure(), w.optimizer, autocast_dtype=w.autocast_dtype)
+            if batch_size not in self.one_rank:
+                w = self.scenario.build(self.variant, device=FAKE, batch_size=batch_size)
+                graph = profile(w.model, w.batch, w.loss_closure(), w.optimizer, autocast_dtype=w.autocast_dtype)
+                self.one_rank[batch_size] = (graph, w.model)
+            graph, model = self.one_rank[batch_size]
             if self.world_size > 1:
-                from planner.distributed.estimate import estimate_rank_graph
-
-                graph = estimate_rank_graph(graph, self.world_size, "ddp", w.model)
+                graph = estimate_rank_graph(graph, self.world_size, self.sharding, model)
             self.graphs[batch_size] = graph
             self.peaks[batch_size] = simulate(graph).peak_bytes
         return self.graphs[batch_size]
@@ -285,6 +344,7 @@ def _result(gpu: GPU, batch: int, fit: _Fit, world_size: int, best: int | None, 
         needed_bytes=fit.needed_bytes,
         max_batch=best,
         max_batch_samples_per_s=_throughput(best, best_fit, world_size) if best_fit is not None else None,
+        world_size=world_size,
         plan=fit.plan,
     )
 

@@ -25,11 +25,12 @@ from planner.distributed.collective import agreed_union, agreed_units, on_worst_
 from planner.execution import apply
 from planner.measurement import measure, replays_left_behind
 from planner.profiling import profile, unit_names
-from solvers import auto_solver, build_problem, get_solver
+from solvers import Solution, auto_solver, build_problem, get_solver
 from solvers.ilp import min_peak
 from solvers.problem import Problem
 
 log = logging.getLogger(__name__)
+SEARCHING = ("ilp", "dp", "greedy")  # solvers that search for a plan (the others are fixed baselines)
 
 
 class InfeasibleBudget(ValueError):
@@ -68,6 +69,11 @@ def plan(
     problem = build_problem(graph, budget_bytes - margin_bytes, roofline, offload=offload)
     name = auto_solver(problem) if solver == "auto" else solver
     solution = get_solver(name)(problem, time_limit_s)
+    if solution.status is Status.INFEASIBLE and name in SEARCHING:  # its search found none: the least peak may fit
+        smallest, chosen = min_peak(problem, time_limit_s)
+        if smallest <= problem.budget_bytes:
+            log.warning("solver %s found no plan within %g s; taking the plan of the least peak", name, time_limit_s)
+            name, solution = f"{name}, then the least peak", Solution(chosen, Status.FEASIBLE)
     if solution.status is Status.INFEASIBLE:
         raise _infeasible(graph, problem, name, time_limit_s, margin_bytes)
     choices = tuple(problem.options[o].choice for o in solution.chosen)

@@ -184,7 +184,9 @@ def comparison_table(results: list[GpuResult], title: str = "", max_batch: bool 
                   collapse_padding=True, pad_edge=False)  # fmt: skip
     table.add_column("GPU", no_wrap=True)
     headers = ["usable", "fits", "with\nplan", "peak", "over-\nhead", "step\nms", "samples\n/s"]
-    for header in headers + (["max\nbatch"] if max_batch else []):
+    cards = any(r.world_size > 1 for r in results)
+    extra = (["max\nbatch"] if max_batch else []) + (["cards\nneeded", "with\nplan"] if cards else [])
+    for header in headers + extra:
         table.add_column(header, justify="right", no_wrap=True)
     for r in results:
         row = [
@@ -199,8 +201,14 @@ def comparison_table(results: list[GpuResult], title: str = "", max_batch: bool 
         ]
         if max_batch:
             row.append("-" if r.max_batch is None else str(r.max_batch))
+        if cards:
+            row += [_count(r.cards_unplanned, r.world_size), _count(r.cards_planned, r.world_size)]
         table.add_row(*row)
     return table
+
+
+def _count(cards: int | None, most: int) -> Text:
+    return Text(str(cards)) if cards is not None else Text(f"> {most}", style="red")
 
 
 def _yes_no(value: bool) -> Text:

@@ -94,3 +94,24 @@ def test_scenarios_lists_built_ins(capsys: pytest.CaptureFixture[str]) -> None:
 def test_python_dash_m_planner_runs() -> None:
     done = subprocess.run([sys.executable, "-m", "planner", "scenarios"], capture_output=True, text=True, check=False)
     assert done.returncode == 0 and "resnet" in done.stdout
+
+
+GPT2_SCENARIO = """\
+model: transformers:GPT2LMHeadModel
+config: {n_layer: 4, n_embd: 128, n_head: 4, n_positions: 256, vocab_size: 1000, bos_token_id: 0, eos_token_id: 0}
+batch_size: 4
+kwargs:
+  input_ids: {shape: [B, 128], dtype: int64, high: 1000}
+  labels: input_ids
+"""
+
+
+def test_a_transformers_scenario_profiles_plans_and_compares(tmp_path, capsys) -> None:
+    pytest.importorskip("transformers")
+    path = tmp_path / "gpt2.yaml"
+    path.write_text(GPT2_SCENARIO)
+    assert main(["profile", str(path)]) == 0
+    assert main(["plan", str(path), "--budget", "50%"]) == 0
+    assert main(["compare", str(path), "--gpus", "a100-40gb,rtx4090"]) == 0  # one variant: compared as it is
+    out = capsys.readouterr().out
+    assert "GPT2LMHeadModel" in out and "a100-40gb" in out and "rtx4090" in out

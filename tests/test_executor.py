@@ -26,7 +26,7 @@ from planner.step import Batch, train_step
 from solvers import build_problem
 from solvers.ilp import min_peak
 
-ZOO = [name for name in list_scenarios() if name != "gpt7b"]
+ZOO = [name for name in list_scenarios() if name != "gpt7b" and not load_scenario(name).model.startswith("transformers:")]
 
 
 def profiled(name: str):

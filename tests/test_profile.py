@@ -14,7 +14,7 @@ from planner.scenario import list_scenarios, load_scenario
 from planner.core.simulator import simulate
 from planner.step import Batch
 
-ZOO = [name for name in list_scenarios() if name != "gpt7b"]
+ZOO = [name for name in list_scenarios() if name != "gpt7b" and not load_scenario(name).model.startswith("transformers:")]
 
 
 def profile_workload(w, **kwargs):

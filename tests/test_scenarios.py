@@ -16,7 +16,9 @@ from planner.step import autocast
 from planner.scenario import ScenarioError, list_scenarios, load_scenario
 from scenarios.zoo import ZOO, build_model
 
-BUILT_IN = ["gpt", "gpt7b", "lstm", "lstm_cell", "resnet", "unet", "vgg"]
+ZOO_SCENARIOS = ["gpt", "gpt7b", "lstm", "lstm_cell", "resnet", "unet", "vgg"]
+TRANSFORMERS = ["bert_base", "hf_gpt2", "llama3_70b", "llama3_8b", "vit_b16"]  # Hugging Face models from configs
+BUILT_IN = sorted(ZOO_SCENARIOS + TRANSFORMERS)
 
 VALID = """\
 model: resnet
@@ -201,10 +203,51 @@ def test_a_bad_scenario_is_one_line_and_status_2_on_the_command_line(tmp_path: P
     assert len(err) == 1 and err[0].startswith("error: bad.yaml: field 'batch_size'"), err
 
 
-@pytest.mark.parametrize("missing", ["model", "inputs"])
-def test_missing_required_field(tmp_path: Path, missing: str) -> None:
-    text = "\n".join(line for line in VALID.splitlines() if not line.startswith(missing + ":"))
-    expect_error(tmp_path, text, f"missing required field '{missing}'")
+def test_missing_required_field(tmp_path: Path) -> None:
+    text = "\n".join(line for line in VALID.splitlines() if not line.startswith("model:"))
+    expect_error(tmp_path, text, "missing required field 'model'")
+
+
+def test_inputs_positional_or_keyword_are_required(tmp_path: Path) -> None:
+    text = "\n".join(line for line in VALID.splitlines() if not line.startswith("inputs:"))
+    expect_error(tmp_path, text, "field 'inputs' (positional) or 'kwargs' (keyword)")
+
+
+TRANSFORMERS_GPT2 = """model: transformers:GPT2LMHeadModel
+config: {n_layer: 2, n_embd: 64, n_head: 2, n_positions: 64, vocab_size: 128}
+batch_size: 2
+kwargs:
+  input_ids: {shape: [B, 32], dtype: int64, high: 128}
+  labels: input_ids
+"""
+
+
+def test_a_transformers_model_from_a_config_needs_no_loss_and_no_inputs(tmp_path: Path) -> None:
+    scenario = load_scenario(write(tmp_path, TRANSFORMERS_GPT2, "gpt2.yaml"))
+    workload = scenario.build()
+    assert type(workload.model).__name__ == "GPT2LMHeadModel" and workload.model.config.n_layer == 2
+    assert not workload.model.config.use_cache  # a training step keeps no key/value cache
+    assert workload.kwargs["labels"] is workload.kwargs["input_ids"] and workload.inputs == ()
+    assert torch.isfinite(workload.step())  # the model's own loss
+
+
+def test_a_transformers_config_from_a_file_next_to_the_scenario(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 3, "n_embd": 64, "n_head": 2, "vocab_size": 128}')
+    text = TRANSFORMERS_GPT2.replace("config: {n_layer: 2, n_embd: 64, n_head: 2, n_positions: 64, vocab_size: 128}", "config: config.json")
+    assert load_scenario(write(tmp_path, text, "gpt2.yaml")).build().model.config.n_layer == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (TRANSFORMERS_GPT2.replace("GPT2LMHeadModel", "NoSuchModel"), "transformers has no model class 'NoSuchModel'"),
+        (TRANSFORMERS_GPT2.replace("n_layer:", "n_layers:"), "GPT2Config has no field 'n_layers'"),
+        (TRANSFORMERS_GPT2.replace("labels: input_ids", "labels: inputs_ids"), "field 'kwargs.labels'"),
+        (TRANSFORMERS_GPT2.replace("config: {", "config: no_such_file.json\nx: {"), "unknown field"),
+    ],
+)
+def test_transformers_mistakes_are_named(tmp_path: Path, text: str, fragment: str) -> None:
+    expect_error(tmp_path, text, fragment)
 
 
 def test_wrong_type_names_field_and_expectation(tmp_path: Path) -> None:
@@ -253,8 +296,8 @@ def test_factory_attribute_that_does_not_exist(tmp_path: Path) -> None:
 
 
 def test_target_required_by_built_in_loss(tmp_path: Path) -> None:
-    text = "\n".join(line for line in VALID.splitlines() if not line.startswith("target:"))
-    expect_error(tmp_path, text, "'target'", "cross_entropy")
+    text = "\n".join(line for line in VALID.splitlines() if not line.startswith("target:")) + "\nloss: mse\n"
+    expect_error(tmp_path, text, "'target'", "mse")
 
 
 def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ def test_min_peak_is_below_every_plan(mlp, solutions) -> None:
     assert ilp.solve(problem.with_budget(peak - 1)).status is Status.INFEASIBLE
 
 
-@pytest.mark.parametrize("name", [n for n in list_scenarios() if n != "gpt7b"])
+@pytest.mark.parametrize("name", [n for n in list_scenarios() if n != "gpt7b" and not load_scenario(n).model.startswith("transformers:")])
 def test_plans_at_half_the_peak_beat_checkpointing_every_unit_and_sqrt_segments(name: str) -> None:
     """The full-size zoo, profiled on the meta device (times from FLOPs): at 50% of the unplanned
     peak, where some plan fits, the plan costs no more than `all` or `sqrt` wherever those fit, and

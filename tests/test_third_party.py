@@ -251,3 +251,23 @@ def test_on_cuda_the_reserved_peak_of_planned_steps_holds_the_budget(name):
     measured = planner.measure(model, batch, optimizer=optimizer, steps=0)  # the allocator's cache emptied first
     assert measured.reserved_bytes <= handle.plan.budget_bytes
     handle.remove()
+
+
+def test_a_trainer_holds_its_budget_with_the_plan(tmp_path):
+    import transformers as hf
+
+    model, batch, _ = build("gpt2")
+    rows = [{"input_ids": ids, "labels": ids} for ids in batch["input_ids"]] * 3
+    args = hf.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, use_cpu=True,
+                                report_to=[], save_strategy="no", logging_strategy="no", dataloader_num_workers=0)
+    trainer = hf.Trainer(model=model, args=args, train_dataset=rows)
+    handle = planner.plan_trainer(trainer, "60%")
+    assert handle.plan.choices and handle.measured.peak_bytes <= handle.plan.budget_bytes
+    existing = [*model.parameters(), *model.buffers()]
+    tracker = StorageTracker("cpu", existing)
+    with tracker:
+        trainer.train()
+    tracker.stop_tracking()
+    before = sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in existing}.values())
+    assert before + tracker.peak_bytes <= handle.plan.budget_bytes
+    assert "forward" not in vars(model.transformer.h[0])  # the plan came off when training ended

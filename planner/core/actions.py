@@ -104,6 +104,17 @@ class Semantics:
         for u in graph.units:
             for i in u.inputs:
                 self._readers.setdefault(i, set()).add(u.index)
+        self._made: dict[int, list[int]] = {}  # unit -> the blocks its forward allocated, in order
+        for i, b in enumerate(graph.blocks):
+            if b.phase is Phase.FORWARD and b.owner is not None:
+                self._made.setdefault(b.owner, []).append(i)
+        self._deaths: dict[int, int] = {}  # id of a block -> its death, once asked for
+        self._saved_activations = {  # blocks a choice may release: saved in forward, freed in backward
+            i
+            for i, b in enumerate(graph.blocks)
+            if b.phase is Phase.FORWARD and b.category is Category.ACTIVATIONS and b.savers and b.free is not None
+            and not b.in_state
+        }
         self._last_saved: dict[int, int] = {}  # unit -> the latest allocation tick of a block its forward saved
         for b in graph.blocks:
             if b.phase is Phase.FORWARD:
@@ -112,6 +123,12 @@ class Semantics:
 
     def death(self, block: Block) -> int:
         """The forward tick after which nothing in forward needs the block any more."""
+        key = id(block)
+        if key not in self._deaths:
+            self._deaths[key] = self._death(block)
+        return self._deaths[key]
+
+    def _death(self, block: Block) -> int:
         last = max((block.owner, *block.savers))
         death = self.graph.units[last].fwd_end
         if block.last_use is not None:
@@ -128,14 +145,10 @@ class Semantics:
         """Whether block `index` can leave the device when `units` are recomputed or offloaded."""
         b = self.graph.blocks[index]
         return (
-            b.phase is Phase.FORWARD
-            and b.category is Category.ACTIVATIONS
+            index in self._saved_activations
             and b.owner in units
-            and bool(b.savers)
             and b.savers | self._readers.get(index, set()) <= units
-            and b.free is not None
             and b.op not in save_ops
-            and not b.in_state
         )
 
     def effect(self, choice: Choice) -> Effect | None:
@@ -156,7 +169,7 @@ class Semantics:
         if not starts:
             return None
         back = min(starts) if choice.action is Action.RECOMPUTE else self._prefetch_tick(choice.units[0])
-        owned = [i for i, b in enumerate(self.graph.blocks) if b.owner in units and b.phase is Phase.FORWARD]
+        owned = self._owned(units)
         releases = tuple(
             Release(i, self.death(self.graph.blocks[i]), back)
             for i in owned
@@ -206,7 +219,11 @@ class Semantics:
         )
 
     def _made_by(self, units: set[int]) -> list[Block]:
-        return [b for b in self.graph.blocks if b.owner in units and b.phase is Phase.FORWARD]
+        return [self.graph.blocks[i] for i in self._owned(units)]
+
+    def _owned(self, units: set[int]) -> list[int]:
+        """The blocks the forwards of `units` allocated, in order."""
+        return sorted(i for u in units for i in self._made.get(u, ()))
 
     def _prefetch_tick(self, unit: int) -> int:
         """When backward reaches the next unit's outputs, or first needs the unit's own tensors."""

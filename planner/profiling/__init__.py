@@ -19,6 +19,7 @@ import contextlib
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from planner.core.graph import Calibration, Category, Phase, ProfiledGraph
@@ -27,7 +28,7 @@ from planner.profiling.freeze import freeze
 from planner.profiling.recorder import Recorder, unit_hooks
 from planner.profiling.survey import survey_units
 from planner.profiling.timing import TIMED_STEPS, calibrate, least, timed_step
-from planner.step import LossFn, StepFn, TrainingStep, optimizer_hooks, preserved
+from planner.step import LossFn, StepFn, TrainingStep, forward_loss, optimizer_hooks, preserved
 from planner.torch_internals import fake_mode_of
 from planner.tracking import fixed_bytes, fixed_groups, optimizer_tensors, storage_key
 from planner.units import UnitSpec, select_units
@@ -117,11 +118,19 @@ def _unit_names(train: TrainingStep, units: UnitSpec, device: torch.device, exis
     """The units `units` names, or those a survey of the step chooses (state restored)."""
     if units is not None:
         return select_units(train.model, units)
-    with preserved(train.model, train.optimizer):  # a whole step: engines expect a backward after a forward
+    with preserved(train.model, train.optimizer):
         try:
-            return survey_units(train.model, train, device, existing)
+            return survey_units(train.model, _survey_step(train), device, existing)
         except Exception as err:
             raise type(err)(f"the training step failed on the example batch: {err}") from err
+
+
+def _survey_step(train: TrainingStep):
+    """What the survey runs: the built-in step's forward and loss, which is all it reads; a whole step
+    for a step of the user's own, or where ranks take part (engines expect a backward after a forward)."""
+    if train.fn is not None or (dist.is_available() and dist.is_initialized()):
+        return train
+    return lambda: forward_loss(train.model, train.batch, train.loss_fn, train.autocast_dtype)
 
 
 def _tracked_step(train: TrainingStep, names: list[str], rec: Recorder) -> None:

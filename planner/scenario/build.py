@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from planner.step import default_loss
 from planner.torch_internals import fake_tensor_mode
 from planner.workload import Workload
 
@@ -46,11 +47,33 @@ def mse(output: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(output, target)
 
 
+def output(output: Any, target: Any) -> Tensor:
+    """The loss the model computed itself (its output's `.loss`), the output if it is a scalar, or the
+    sum of its tensors; the target is not used."""
+    return default_loss(output)
+
+
 _LOSSES: dict[str, Callable[[Any, Any], Tensor]] = {
     "cross_entropy": cross_entropy,
     "lm_cross_entropy": lm_cross_entropy,
     "mse": mse,
+    "output": output,
 }
+NEEDS_TARGET = ("cross_entropy", "lm_cross_entropy", "mse")
+
+
+def transformers_model(class_name: str) -> Callable[..., nn.Module]:
+    """A factory of the transformers model class `class_name` from its config's fields, with random
+    weights (nothing is downloaded)."""
+
+    def build(**config: Any) -> nn.Module:
+        import transformers
+
+        cls = getattr(transformers, class_name)
+        return cls(cls.config_class(**config))
+
+    build.__name__ = class_name
+    return build
 
 
 @dataclass(frozen=True)
@@ -85,12 +108,13 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Variant:
-    """One size of a scenario: factory arguments and the example batch."""
+    """One size of a scenario: factory arguments (a transformers model's config fields) and the
+    example batch; a keyword input given as a name is the same tensor as that keyword input."""
 
     args: dict[str, Any]
     batch_size: int
     inputs: tuple[TensorSpec, ...]
-    kwargs: dict[str, TensorSpec]
+    kwargs: dict[str, TensorSpec | str]
     target: TensorSpec | None
 
 
@@ -181,7 +205,8 @@ class Scenario:
         model = self.build_model(variant, device, seed)
         generator = torch.Generator().manual_seed(seed)
         inputs = tuple(s.make(batch, device, generator) for s in spec.inputs)
-        kwargs = {k: s.make(batch, device, generator) for k, s in spec.kwargs.items()}
+        kwargs = {k: s.make(batch, device, generator) for k, s in spec.kwargs.items() if isinstance(s, TensorSpec)}
+        kwargs |= {k: kwargs[s] for k, s in spec.kwargs.items() if isinstance(s, str)}  # labels: input_ids
         target = None if spec.target is None else spec.target.make(batch, device, generator)
         optimizer = self.optimizer.build(model.parameters())
         return Workload(model, inputs, kwargs, target, self.loss_fn, optimizer, self.autocast_dtype, device)

@@ -19,14 +19,27 @@ from torch import Tensor, nn
 import scenarios
 from planner.core.sizes import parse_budget
 from planner.distributed.engines import SHARDINGS
-from planner.scenario.build import _LOSSES, _OPTIMIZERS, _PRECISIONS, BATCH, OptimizerSpec, Scenario, ScenarioError, TensorSpec, Variant
+from planner.scenario.build import (
+    _LOSSES,
+    _OPTIMIZERS,
+    _PRECISIONS,
+    BATCH,
+    NEEDS_TARGET,
+    OptimizerSpec,
+    Scenario,
+    ScenarioError,
+    TensorSpec,
+    Variant,
+    transformers_model,
+)
 from scenarios.zoo import ZOO
 
 _TOP_FIELDS = (
-    "name", "model", "args", "batch_size", "inputs", "kwargs", "target", "loss",
+    "name", "model", "args", "config", "batch_size", "inputs", "kwargs", "target", "loss",
     "precision", "optimizer", "budget", "gpus", "world_size", "sharding", "full",
 )  # fmt: skip
-_VARIANT_FIELDS = ("args", "batch_size", "inputs", "kwargs", "target")
+_VARIANT_FIELDS = ("args", "config", "batch_size", "inputs", "kwargs", "target")
+TRANSFORMERS = "transformers:"  # model: transformers:LlamaForCausalLM, built from `config`
 _TENSOR_FIELDS = ("shape", "dtype", "low", "high", "fill")
 _DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -60,21 +73,24 @@ def parse_scenario(data: Any, path: Path) -> Scenario:
     where = path.name
     if not isinstance(data, dict):
         raise ScenarioError(f"{where}: must be a mapping of fields, got {type(data).__name__}")
-    _check_fields(where, "", data, _TOP_FIELDS, required=("model", "inputs"))
+    _check_fields(where, "", data, _TOP_FIELDS, required=("model",))
     model = data["model"]
     if not isinstance(model, str) or not model:
-        _fail(where, "model", "a zoo name or 'package.module:factory'", model)
+        _fail(where, "model", "a zoo name, 'transformers:ModelClass' or 'package.module:factory'", model)
     factory = _resolve_factory(where, model)
+    data = _with_config(where, path, "", data, model)
+    if "inputs" not in data and "kwargs" not in data:
+        raise ScenarioError(f"{where}: give the model's inputs: field 'inputs' (positional) or 'kwargs' (keyword)")
     small = _parse_variant(where, "", data, factory, base=None)
     full = None
     if "full" in data:
         if not isinstance(data["full"], dict):
             _fail(where, "full", "a mapping of overrides", data["full"])
         _check_fields(where, "full.", data["full"], _VARIANT_FIELDS)
-        full = _parse_variant(where, "full.", data["full"], factory, base=small)
-    loss = data.get("loss", "cross_entropy")
+        full = _parse_variant(where, "full.", _with_config(where, path, "full.", data["full"], model), factory, base=small)
+    loss = data.get("loss", "cross_entropy" if "target" in data else "output")
     loss_fn = _resolve_loss(where, loss)
-    if loss in _LOSSES and any(v.target is None for v in (small, full) if v is not None):
+    if loss in NEEDS_TARGET and any(v.target is None for v in (small, full) if v is not None):
         raise ScenarioError(f"{where}: field 'target' is required by loss {loss!r}")
     return Scenario(
         name=_parse_name(where, data.get("name", path.stem)),
@@ -159,14 +175,68 @@ def _import_attribute(where: str, name: str, spec: str) -> Any:
 
 
 def _resolve_factory(where: str, model: str) -> Callable[..., nn.Module]:
+    if model.startswith(TRANSFORMERS):
+        return transformers_model(_transformers_class(where, model[len(TRANSFORMERS) :]).__name__)
     if ":" in model:
         return _import_attribute(where, "model", model)
     if model not in ZOO:
         raise ScenarioError(
             f"{where}: field 'model': unknown zoo model {model!r}; valid names: {', '.join(sorted(ZOO))}, "
-            "or 'package.module:factory'"
+            "'transformers:ModelClass' or 'package.module:factory'"
         )
     return ZOO[model]
+
+
+def _transformers_class(where: str, name: str) -> type:
+    try:
+        import transformers
+    except ImportError:
+        raise ScenarioError(f"{where}: field 'model': {TRANSFORMERS}{name} needs the transformers package: pip install transformers") from None
+    cls = getattr(transformers, name, None) if name else None
+    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        raise ScenarioError(f"{where}: field 'model': transformers has no model class {name!r} (such as LlamaForCausalLM)")
+    return cls
+
+
+def _with_config(where: str, path: Path, prefix: str, data: dict, model: str) -> dict:
+    """`data` with a transformers model's `config` as the factory's `args`: a mapping of config fields,
+    a path to a config.json (from the scenario's folder) or a Hub id (online only). A training step
+    keeps no key/value cache: `use_cache` is False unless the config says otherwise."""
+    if "config" not in data:
+        return data
+    if not model.startswith(TRANSFORMERS):
+        raise ScenarioError(f"{where}: field '{prefix}config' is for {TRANSFORMERS}ModelClass models; use 'args'")
+    if "args" in data:
+        raise ScenarioError(f"{where}: give either '{prefix}config' or '{prefix}args', not both")
+    cls = _transformers_class(where, model[len(TRANSFORMERS) :])
+    config = data["config"]
+    if isinstance(config, str):
+        config = _config_file(where, prefix, path.parent / config if (path.parent / config).is_file() else config, cls)
+    elif isinstance(config, dict):
+        default = cls.config_class()
+        # a field the config has, or one it takes in (rope_theta goes into rope_parameters); a typo is kept as is
+        unknown = sorted(k for k in config if not hasattr(default, k) and hasattr(cls.config_class(**{k: config[k]}), k))
+        if unknown:
+            raise ScenarioError(f"{where}: field '{prefix}config': {cls.config_class.__name__} has no field {', '.join(map(repr, unknown))}")
+    else:
+        _fail(where, prefix + "config", "a mapping of config fields, a path to a config.json or a Hub id", config)
+    args = ({"use_cache": False} if not prefix else {}) | config
+    return {k: v for k, v in data.items() if k != "config"} | {"args": args}
+
+
+def _config_file(where: str, prefix: str, source: Path | str, cls: type) -> dict:
+    if isinstance(source, Path):
+        try:
+            return dict(yaml.safe_load(source.read_text()))  # JSON is YAML
+        except (yaml.YAMLError, TypeError, ValueError) as error:
+            raise ScenarioError(f"{where}: field '{prefix}config': {source} is not a config file: {error}") from None
+    try:
+        return cls.config_class.from_pretrained(source).to_diff_dict()
+    except (OSError, ValueError) as error:
+        raise ScenarioError(
+            f"{where}: field '{prefix}config': no file {source!r} next to the scenario, and no Hub config by that "
+            f"id here ({type(error).__name__}); give a path to a config.json"
+        ) from None
 
 
 def _resolve_loss(where: str, loss: Any) -> Callable[[Any, Any], Tensor]:
@@ -201,7 +271,7 @@ def _parse_variant(
         return Variant(
             args=args,
             batch_size=_parse_batch_size(where, prefix, data.get("batch_size", 1)),
-            inputs=_parse_inputs(where, prefix, data["inputs"]),
+            inputs=_parse_inputs(where, prefix, data.get("inputs", [])),
             kwargs=_parse_kwargs(where, prefix, data.get("kwargs", {})),
             target=None if data.get("target") is None else _parse_tensor(where, prefix + "target", data["target"]),
         )
@@ -226,10 +296,15 @@ def _parse_inputs(where: str, prefix: str, value: Any) -> tuple[TensorSpec, ...]
     return tuple(_parse_tensor(where, f"{prefix}inputs[{i}]", spec) for i, spec in enumerate(value))
 
 
-def _parse_kwargs(where: str, prefix: str, value: Any) -> dict[str, TensorSpec]:
+def _parse_kwargs(where: str, prefix: str, value: Any) -> dict[str, TensorSpec | str]:
+    """Keyword inputs: a tensor spec each, or the name of another keyword input (the same tensor)."""
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         _fail(where, prefix + "kwargs", "a mapping of argument name to tensor spec", value)
-    return {k: _parse_tensor(where, f"{prefix}kwargs.{k}", spec) for k, spec in value.items()}
+    specs = {k: _parse_tensor(where, f"{prefix}kwargs.{k}", spec) for k, spec in value.items() if not isinstance(spec, str)}
+    for k, other in value.items():
+        if isinstance(other, str) and other not in specs:
+            _fail(where, f"{prefix}kwargs.{k}", f"a tensor spec or the name of another keyword input ({', '.join(specs)})", other)
+    return {k: specs.get(k, spec) for k, spec in value.items()}
 
 
 def _parse_tensor(where: str, name: str, spec: Any) -> TensorSpec:
