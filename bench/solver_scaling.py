@@ -1,4 +1,4 @@
-"""How every solver scales with the number of units, on synthetic training steps (`bench.synthetic`).
+"""How every solver scales with the number of units, on synthetic training steps (`solvers.synthetic`).
 
     python -m bench.solver_scaling                       # 100, 1,000 and 10,000 units; chains and DAGs
     python -m bench.solver_scaling --sizes 100 1000      # a subset
@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.synthetic import training_step
+from solvers.synthetic import training_step
 from solvers import SOLVERS, Problem, Status, get_solver
 
 SIZES = (100, 1_000, 10_000)

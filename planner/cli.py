@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-overhead", type=_share, default=0.10, metavar="P",
                    help="the most extra time a plan may add, such as 10%% or 0.1 (default: 10%%)")  # fmt: skip
     p.add_argument("--tf32", action="store_true", help="float32 matrix products run as TF32 on GPUs that have it")
+    p.add_argument("--host-memory", type=_size, metavar="SIZE",
+                   help="pinned host memory each GPU's offloads may hold, such as 64GiB (default: as much as "
+                   "the GPU has; 0: no offload)")  # fmt: skip
     p.add_argument("--catalog", metavar="FILE", help="a YAML file of GPUs adding to or replacing the built-in ones")
     p.add_argument("--solver", default="auto", help="the solver plans are made with (default: auto)")
     p.add_argument("--export", metavar="FILE", help="write the results to FILE (.json, .yaml or .yml)")
@@ -137,6 +140,9 @@ def _add_plan_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
         help="allow offloading to host memory on --device cpu too, where the host is the device and it frees "
         "nothing (to try the mechanics); elsewhere it is allowed anyway",
     )
+    p.add_argument("--host-memory", type=_size, metavar="SIZE",
+                   help="the most host memory offloads may hold, such as 64GiB (default: no bound; 0: no "
+                   "offload)")  # fmt: skip
 
 
 def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -164,6 +170,16 @@ def _share(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a share such as 10% or 0.1, got {text!r}")
     return value
+
+
+def _size(text: str) -> int:
+    """A size such as 64GiB, or 0."""
+    from planner.core.sizes import parse_bytes
+
+    try:
+        return 0 if text.strip() == "0" else parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -265,7 +281,8 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
 
 def _solve(args: argparse.Namespace) -> dict:
-    return {"solver": args.solver, "time_limit_s": args.time_limit, "offload": args.offload}
+    return {"solver": args.solver, "time_limit_s": args.time_limit, "offload": args.offload,
+            "host_memory": args.host_memory}  # fmt: skip
 
 
 def _parallel(args: argparse.Namespace) -> tuple[int, str] | None:
@@ -304,6 +321,7 @@ def _rank_job(args: argparse.Namespace, sharding: str):
         solver=args.solver,
         time_limit_s=args.time_limit,
         offload=args.offload,
+        host_memory=args.host_memory,
         steps=getattr(args, "steps", 1),
     )
 
@@ -388,7 +406,8 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         task = progress.add_task(f"{scenario.name} ({variant}) on {len(gpus)} GPUs", total=len(gpus))
         results = compare(
             scenario, gpus, variant=variant, batch_size=batch, max_batch=args.max_batch,
-            max_overhead=args.max_overhead, solver=args.solver, tf32=args.tf32, world_size=world_size,
+            max_overhead=args.max_overhead, solver=args.solver, tf32=args.tf32, host_memory=args.host_memory,
+            world_size=world_size,
             sharding=sharding, cards=world_size > 1, on_gpu=lambda result: progress.advance(task),
         )  # fmt: skip
     precision = scenario.precision + (" (TF32)" if args.tf32 and scenario.precision == "float32" else "")

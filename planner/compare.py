@@ -30,6 +30,7 @@ from planner.core.costmodel import REFERENCE, Roofline, retime
 from planner.core.gpus import GPU, find_gpus, load_catalog
 from planner.core.graph import ProfiledGraph
 from planner.core.plan import Plan
+from planner.core.sizes import size_bytes
 from planner.core.simulator import simulate
 from planner.distributed.engines import check_sharding
 from planner.distributed.estimate import estimate_rank_graph
@@ -70,6 +71,8 @@ class GpuResult:
     needed_bytes: int | None = None
     max_batch: int | None = None
     max_batch_samples_per_s: float | None = None
+    host_bytes: int = 0  # the host memory a plan's offloads may hold at once
+    offloaded_bytes: int | None = None  # what the plan's offloads hold there (None: no plan)
     world_size: int = 1  # GPUs training it together (each with batch_size samples)
     cards_unplanned: int | None = None  # with `cards`: the fewest GPUs that train it unplanned (None: more)
     cards_planned: int | None = None  # ... and with a plan
@@ -112,6 +115,7 @@ def compare(
     sharding: str | None = None,
     cards: bool = False,
     tf32: bool = False,
+    host_memory: int | str | None = None,
     catalog: str | Path | None = None,
     time_limit_s: float = 5.0,
     on_gpu: Callable[[GpuResult], None] = lambda result: None,
@@ -128,6 +132,8 @@ def compare(
     collectives are not timed). With `cards`, each result also says the fewest GPUs of its kind,
     among 1, 2, 4, ... up to `world_size`, that train the step unplanned and with a plan. A float32 step runs its matrix products at the
     FP32 rate, or with `tf32` at the TF32 rate (as with `torch.backends.cuda.matmul.allow_tf32`).
+    `host_memory` (bytes or a size such as "64GiB") is the pinned host memory each GPU's offloads may
+    hold at once; by default as much as the GPU has.
     `on_gpu` is called with each result when it is ready.
     """
     scenario = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
@@ -144,19 +150,19 @@ def compare(
     results = []
     for gpu in chosen:
         roofline = gpu.roofline(scenario.precision, tf32)
-        gauge = _Gauge(profiles, roofline, gpu, max_overhead, solver, time_limit_s)
+        host = gpu.memory_bytes if host_memory is None else size_bytes(host_memory)
+        gauge = _Gauge(profiles, roofline, gpu, max_overhead, solver, time_limit_s, host)
         fit = gauge.fit(batch)
         best = _max_batch(gauge, profiles, batch) if max_batch else None
-        result = _result(gpu, batch, fit, world_size, best, gauge.fit(best) if best else None)
+        result = _result(gpu, batch, fit, world_size, best, gauge.fit(best) if best else None, host)
         if cards:
-            result = replace(result, **_cards(profiles, roofline, gpu, batch, max_overhead, solver, time_limit_s))
+            result = replace(result, **_cards(profiles, gauge, batch))
         on_gpu(result)
         results.append(result)
     return results
 
 
-def _cards(profiles: _Profiles, roofline: Roofline, gpu: GPU, batch: int, max_overhead: float, solver: str,
-           time_limit_s: float) -> dict[str, int | None]:  # fmt: skip
+def _cards(profiles: _Profiles, gauge: _Gauge, batch: int) -> dict[str, int | None]:
     """The fewest GPUs, among 1, 2, 4, ... up to the profiles' world size, that train the step
     unplanned and with a plan (None: not even that many). More GPUs never need more memory each, so
     each is a binary search; memory alone rules a count out where no plan reaches its GPU's memory."""
@@ -164,11 +170,11 @@ def _cards(profiles: _Profiles, roofline: Roofline, gpu: GPU, batch: int, max_ov
 
     def fits(count: int, planned: bool) -> bool:
         at = profiles.at(count)
-        if at.unplanned_peak(batch) <= gpu.usable_bytes:
+        if at.unplanned_peak(batch) <= gauge.gpu.usable_bytes:
             return True
-        if not planned or at.smallest_peak(batch) > gpu.usable_bytes:
+        if not planned or at.smallest_peak(batch) > gauge.gpu.usable_bytes:
             return False
-        return _Gauge(at, roofline, gpu, max_overhead, solver, time_limit_s).fit(batch).fits
+        return gauge.on(at).fit(batch).fits
 
     return {"cards_unplanned": _fewest(counts, lambda c: fits(c, False)), "cards_planned": _fewest(counts, lambda c: fits(c, True))}
 
@@ -245,7 +251,8 @@ class _Profiles:
         return self.peaks[batch_size]
 
     def smallest_peak(self, batch_size: int) -> int:
-        """The smallest peak any plan reaches at this batch size (memory only: the same on every GPU)."""
+        """The smallest peak any plan reaches at this batch size, host memory unbounded (memory only:
+        the same on every GPU)."""
         if batch_size not in self.smallest:
             problem = build_problem(self.graph(batch_size), 0, REFERENCE)
             self.smallest[batch_size] = min_peak(problem, self.time_limit_s)[0]
@@ -266,10 +273,17 @@ class _Gauge:
     """Whether the step fits one GPU, by batch size, on real or interpolated profiles (remembered)."""
 
     def __init__(self, profiles: _Profiles, roofline: Roofline, gpu: GPU, max_overhead: float, solver: str,
-                 time_limit_s: float) -> None:  # fmt: skip
+                 time_limit_s: float, host_bytes: int) -> None:  # fmt: skip
         self.profiles, self.roofline, self.gpu = profiles, roofline, gpu
         self.max_overhead, self.solver, self.time_limit_s = max_overhead, solver, time_limit_s
+        self.host_bytes = host_bytes
         self.seen: dict[tuple[int, bool], _Fit] = {}
+        self.smallest: dict[int, int] = {}  # the smallest peak a plan reaches within this host memory
+
+    def on(self, profiles: _Profiles) -> _Gauge:
+        """The same GPU and limits on other profiles."""
+        return _Gauge(profiles, self.roofline, self.gpu, self.max_overhead, self.solver, self.time_limit_s,
+                      self.host_bytes)  # fmt: skip
 
     def fit(self, batch_size: int, estimated: bool = False) -> _Fit:
         key = (batch_size, estimated and batch_size not in self.profiles.graphs)
@@ -288,7 +302,8 @@ class _Gauge:
             graph = retime(self.profiles.estimate(mid), self.roofline)
             sim = simulate(graph, fit.plan.choices, self.roofline)
             overhead = sim.extra_ms / graph.step_ms
-            if sim.peak_bytes <= self.gpu.usable_bytes and overhead <= self.max_overhead:
+            fits = sim.peak_bytes <= self.gpu.usable_bytes and sim.host_bytes <= self.host_bytes
+            if fits and overhead <= self.max_overhead:
                 lo, o_lo = mid, overhead
             else:
                 hi = mid
@@ -299,13 +314,13 @@ class _Gauge:
         unplanned = simulate(graph).peak_bytes
         if unplanned <= usable:
             return _Fit(True, True, "fits", unplanned, unplanned, 0.0, graph.step_ms)
-        smallest = self.profiles.smallest.get(batch_size)
+        smallest = self.smallest.get(batch_size, self.profiles.smallest.get(batch_size))
         if smallest is not None and smallest > usable:
             return _Fit(False, False, "too large", unplanned, needed_bytes=smallest)
         try:
-            chosen = _least_overhead_plan(graph, usable, self.solver, self.roofline, self.time_limit_s)
+            chosen = _least_overhead_plan(graph, usable, self.solver, self.roofline, self.time_limit_s, self.host_bytes)
         except InfeasibleBudget as err:
-            self.profiles.smallest[batch_size] = err.smallest_bytes
+            self.smallest[batch_size] = err.smallest_bytes
             return _Fit(False, False, "too large", unplanned, needed_bytes=err.smallest_bytes)
         overhead = chosen.predicted_overhead_ms / graph.step_ms
         over = overhead > self.max_overhead
@@ -316,17 +331,19 @@ class _Gauge:
 
 
 def _least_overhead_plan(graph: ProfiledGraph, budget_bytes: int, solver: str, roofline: Roofline,
-                         time_limit_s: float) -> Plan:  # fmt: skip
+                         time_limit_s: float, host_bytes: int) -> Plan:  # fmt: skip
     """`planning.plan`, and the exact solver where another one found no plan though one exists."""
+    solve = {"roofline": roofline, "time_limit_s": time_limit_s, "offload": True, "host_memory": host_bytes}
     try:
-        return plan(graph, budget_bytes, solver=solver, roofline=roofline, time_limit_s=time_limit_s)
+        return plan(graph, budget_bytes, solver=solver, **solve)
     except InfeasibleBudget as err:
         if err.smallest_bytes > budget_bytes or solver == "ilp":
             raise
-    return plan(graph, budget_bytes, solver="ilp", roofline=roofline, time_limit_s=time_limit_s)
+    return plan(graph, budget_bytes, solver="ilp", **solve)
 
 
-def _result(gpu: GPU, batch: int, fit: _Fit, world_size: int, best: int | None, best_fit: _Fit | None) -> GpuResult:
+def _result(gpu: GPU, batch: int, fit: _Fit, world_size: int, best: int | None, best_fit: _Fit | None,
+            host_bytes: int) -> GpuResult:  # fmt: skip
     return GpuResult(
         gpu=gpu.name,
         description=gpu.description,
@@ -344,6 +361,8 @@ def _result(gpu: GPU, batch: int, fit: _Fit, world_size: int, best: int | None, 
         needed_bytes=fit.needed_bytes,
         max_batch=best,
         max_batch_samples_per_s=_throughput(best, best_fit, world_size) if best_fit is not None else None,
+        host_bytes=host_bytes,
+        offloaded_bytes=None if fit.plan is None else fit.plan.predicted_host_bytes,
         world_size=world_size,
         plan=fit.plan,
     )

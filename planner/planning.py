@@ -20,7 +20,7 @@ from planner.core.gpus import roofline_for
 from planner.core.graph import ProfiledGraph
 from planner.core.plan import Plan, Status
 from planner.core.simulator import simulate
-from planner.core.sizes import format_bytes, parse_budget
+from planner.core.sizes import format_bytes, parse_budget, size_bytes
 from planner.distributed.collective import agreed_union, agreed_units, on_worst_rank, worst_peak
 from planner.execution import apply
 from planner.measurement import measure, replays_left_behind
@@ -53,20 +53,23 @@ def plan(
     *,
     offload: bool | None = None,
     margin_bytes: int = 0,
+    host_memory: int | str | None = None,
 ) -> Plan:
     """The least-overhead plan whose peak fits `budget`; raises InfeasibleBudget when none does.
 
     `offload` allows offloading to host memory; by default it is allowed unless the step ran on a
     CPU, whose host memory is the device's (an offload there frees nothing; allow it to test the
     mechanics). `margin_bytes` are kept free under the budget (what a measured step showed beyond
-    the prediction).
+    the prediction). `host_memory` (bytes or a size such as "64GiB") bounds the host memory the
+    offloads hold at once (default: no bound).
     """
     roofline = roofline or roofline_for(graph)
     unplanned = simulate(graph, roofline=roofline).peak_bytes
     budget_bytes = parse_budget(budget, unplanned)
     if offload is None:
         offload = not graph.device.startswith("cpu")
-    problem = build_problem(graph, budget_bytes - margin_bytes, roofline, offload=offload)
+    host_bytes = None if host_memory is None else size_bytes(host_memory)
+    problem = build_problem(graph, budget_bytes - margin_bytes, roofline, offload=offload, host_budget_bytes=host_bytes)
     name = auto_solver(problem) if solver == "auto" else solver
     solution = get_solver(name)(problem, time_limit_s)
     if solution.status is Status.INFEASIBLE and name in SEARCHING:  # its search found none: the least peak may fit
@@ -79,6 +82,7 @@ def plan(
     choices = tuple(problem.options[o].choice for o in solution.chosen)
     sim = simulate(graph, choices, roofline)
     assert sim.peak_bytes == problem.peak_bytes(solution.chosen), "the problem and the simulator disagree"
+    assert sim.host_bytes == problem.host_bytes(solution.chosen), "the problem and the simulator disagree"
     return Plan(
         model=graph.model,
         fingerprint=graph.fingerprint,
@@ -95,6 +99,7 @@ def plan(
         unplanned_peak_bytes=unplanned,
         forwards=graph.forwards,
         margin_bytes=margin_bytes,
+        predicted_host_bytes=sim.host_bytes,
     )
 
 
@@ -175,6 +180,7 @@ def auto(
     units=None,
     autocast_dtype=None,
     offload: bool | None = None,
+    host_memory: int | str | None = None,
     check: bool = True,
     time_limit_s: float = 10.0,
 ):
@@ -192,7 +198,7 @@ def auto(
     step_args = {"loss_fn": loss_fn, "optimizer": optimizer, "step": step, "autocast_dtype": autocast_dtype}
     names = agreed_units(unit_names(model, example_batch, units=units, **step_args))
     graph = profile(model, example_batch, units=names, **step_args)
-    solve = {"solver": solver, "time_limit_s": time_limit_s, "offload": offload}
+    solve = {"solver": solver, "time_limit_s": time_limit_s, "offload": offload, "host_memory": host_memory}
     chosen = plan_ranks(graph, budget, **solve)
     if not check:
         return apply(model, chosen)

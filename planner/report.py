@@ -171,6 +171,8 @@ def plan_panel(plan: Plan) -> Panel:
     share = plan.predicted_peak_bytes / plan.unplanned_peak_bytes if plan.unplanned_peak_bytes else 0.0
     table.add_row("planned peak", format_bytes(plan.predicted_peak_bytes), f"{share:.0%} of unplanned")
     table.add_row("overhead", f"{plan.predicted_overhead_ms:.2f} ms", f"+{plan.overhead_pct:.1f}% of {plan.step_ms:.1f} ms")
+    if plan.predicted_host_bytes:
+        table.add_row("offloaded", format_bytes(plan.predicted_host_bytes), "held in host memory")
     gap = "" if plan.gap == 0 else f", gap {plan.gap:.2%}"
     table.add_row("solved in", f"{plan.solve_s:.2f} s", f"{plan.solver}{gap}")
     return Panel(table, title="predicted step under the plan", expand=False)
@@ -178,12 +180,13 @@ def plan_panel(plan: Plan) -> Panel:
 
 def comparison_table(results: list[GpuResult], title: str = "", max_batch: bool = False) -> Table:
     """One row per GPU: usable memory, whether the step fits unplanned and with a plan, the peak it
-    runs at (in red: the least memory any plan needs), the plan's overhead, step time (ms) and
-    throughput (samples/s), and with `max_batch` the largest batch size that fits."""
+    runs at (in red: the least memory any plan needs), the plan's overhead, what it offloads of the
+    host memory allowed, step time (ms) and throughput (samples/s), and with `max_batch` the largest
+    batch size that fits."""
     table = Table(title=title or None, box=box.SIMPLE_HEAD, header_style="bold", title_justify="left",
                   collapse_padding=True, pad_edge=False)  # fmt: skip
     table.add_column("GPU", no_wrap=True)
-    headers = ["usable", "fits", "with\nplan", "peak", "over-\nhead", "step\nms", "samples\n/s"]
+    headers = ["usable", "fits", "with\nplan", "peak", "over-\nhead", "offloaded\n/ host", "step\nms", "samples\n/s"]
     cards = any(r.world_size > 1 for r in results)
     extra = (["max\nbatch"] if max_batch else []) + (["cards\nneeded", "with\nplan"] if cards else [])
     for header in headers + extra:
@@ -196,6 +199,7 @@ def comparison_table(results: list[GpuResult], title: str = "", max_batch: bool 
             _yes_no(r.fits) if not r.fits_unplanned else Text("-", style="dim"),
             _peak_cell(r),
             "-" if r.overhead is None or r.fits_unplanned else f"{r.overhead:+.1%}",
+            _host_cell(r),
             "-" if r.step_ms is None else f"{r.step_ms:,.1f}",
             Text("-", style="dim") if r.samples_per_s is None else Text(f"{r.samples_per_s:,.1f}", style="bold"),
         ]
@@ -205,6 +209,11 @@ def comparison_table(results: list[GpuResult], title: str = "", max_batch: bool 
             row += [_count(r.cards_unplanned, r.world_size), _count(r.cards_planned, r.world_size)]
         table.add_row(*row)
     return table
+
+
+def _host_cell(r: GpuResult) -> Text:
+    offloaded = "-" if r.offloaded_bytes is None or r.fits_unplanned else format_bytes(r.offloaded_bytes)
+    return Text(f"{offloaded} / {format_bytes(r.host_bytes)}", style="dim" if offloaded in ("-", "0 B") else "")
 
 
 def _count(cards: int | None, most: int) -> Text:

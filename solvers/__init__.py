@@ -38,8 +38,9 @@ def get_solver(name: str) -> Solver:
 
 
 def auto_solver(problem: Problem) -> str:
-    """The exact solver that fits the graph: "dp" for chains longer than DP_MIN_UNITS units, else "ilp"."""
-    return "dp" if problem.chain and problem.n_units > DP_MIN_UNITS else "ilp"
+    """The exact solver that fits the graph: "dp" for chains longer than DP_MIN_UNITS units (unless host
+    memory bounds their offloads), else "ilp"."""
+    return "dp" if problem.chain and problem.n_units > DP_MIN_UNITS and not problem.host_bound else "ilp"
 
 
 __all__ = ["SOLVERS", "Problem", "Solution", "Solver", "Status", "auto_solver", "build_problem", "get_solver"]

@@ -44,6 +44,7 @@ class Arrays:
     option_first_unit: np.ndarray  # [O]
     option_last_unit: np.ndarray  # [O]
     option_is_interval: np.ndarray  # [O] bool: its units are first..last, each once
+    option_host: np.ndarray  # [O] bytes it holds in host memory (offloads)
 
     @property
     def n_options(self) -> int:
@@ -92,6 +93,7 @@ def of(problem: Problem) -> Arrays:
         option_first_unit=first_unit,
         option_last_unit=last_unit,
         option_is_interval=is_interval,
+        option_host=np.array([o.host_bytes for o in problem.options], dtype=np.int64).reshape(n),
     )
 
 

@@ -122,6 +122,8 @@ def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
     start = time.perf_counter()
     if not problem.chain:
         raise ValueError("the dp solver needs a chain (problem.chain is False); use the 'ilp' solver for this graph")
+    if problem.host_bound:
+        raise ValueError("the dp solver does not bound host memory, which this problem's offloads may exceed; use 'ilp'")
     arr = arrays.of(problem)
     if not arr.option_is_interval.all():
         raise ValueError("the dp solver needs options over consecutive units; use the 'ilp' solver")

@@ -46,8 +46,12 @@ def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
 
 
 def plan(problem: Problem, arr: Arrays, target_bytes: int, deadline: float = float("inf")) -> tuple[tuple[int, ...], int]:
-    """Greedy options until the peak is at most `target_bytes` (or nothing helps); the plan and its exact peak."""
+    """Greedy options until the peak is at most `target_bytes`; where nothing more helps (or the
+    options chosen come round again: one lowered the rows but raised a replay's peak), the plan of
+    the lowest peak seen. The plan and its exact peak."""
     state = _State.of(problem, arr)
+    seen: set[tuple[int, ...]] = set()
+    lowest = ((), state.peak())
     while state.peak() > target_bytes and time.perf_counter() < deadline:
         batch = state.best(target_bytes)
         if not batch:
@@ -57,9 +61,14 @@ def plan(problem: Problem, arr: Arrays, target_bytes: int, deadline: float = flo
             state = _State.of(problem, arr)
         for o in batch:
             state.add(o)
-    chosen = tuple(sorted(state.chosen))
-    peak = arrays.peak_bytes(arr, chosen)
-    assert peak == state.peak(), "greedy's running peak disagrees with the evaluator"
+        chosen = tuple(sorted(state.chosen))
+        if chosen in seen:
+            break
+        seen.add(chosen)
+        if state.peak() < lowest[1]:
+            lowest = (chosen, state.peak())
+    chosen, peak = (tuple(sorted(state.chosen)), state.peak()) if state.peak() <= target_bytes else lowest
+    assert peak == arrays.peak_bytes(arr, chosen), "greedy's running peak disagrees with the evaluator"
     return chosen, peak
 
 
@@ -74,6 +83,8 @@ def _swap(problem: Problem, arr: Arrays, state: _State) -> list[int] | None:
     for o in cand[np.argsort(-ratio, kind="stable")[:SWAP_CANDIDATES]].tolist():
         units = set(state.option_units[o])
         kept = [c for c in chosen if not units & set(state.option_units[c])]
+        if problem.host_budget_bytes is not None and problem.host_bytes([*kept, o]) > problem.host_budget_bytes:
+            continue
         gain = peak - arrays.peak_bytes(arr, [*kept, o])
         added = arr.option_cost_ms[o] - sum(arr.option_cost_ms[c] for c in chosen if c not in kept)
         score = gain / max(added, 1e-12)
@@ -157,6 +168,7 @@ class _State:
     option_units: list[tuple[int, ...]]
     unit_options: dict[int, np.ndarray]  # per unit: the options using it
     batch_max: int  # options added per round
+    host_left: float  # host memory the chosen offloads leave (inf: no bound)
 
     @classmethod
     def of(cls, problem: Problem, arr: Arrays) -> _State:
@@ -165,16 +177,18 @@ class _State:
         for o, option in enumerate(problem.options):
             for u in option.units:
                 unit_options.setdefault(u, []).append(o)
+        host_left = float("inf") if problem.host_budget_bytes is None else float(problem.host_budget_bytes)
         return cls(
-            arr,
-            static,
-            arr.row_peak.copy(),
-            np.zeros(arr.n_options, dtype=np.int64),
-            arr.option_freeing > 0,
-            [],
-            [option.units for option in problem.options],
-            {u: np.array(v) for u, v in unit_options.items()},
-            max(1, problem.n_units // BATCH_UNITS),
+            arr=arr,
+            static=static,
+            mem=arr.row_peak.copy(),
+            freed_back=np.zeros(arr.n_options, dtype=np.int64),
+            usable=(arr.option_freeing > 0) & (arr.option_host <= host_left),
+            chosen=[],
+            option_units=[option.units for option in problem.options],
+            unit_options={u: np.array(v) for u, v in unit_options.items()},
+            batch_max=max(1, problem.n_units // BATCH_UNITS),
+            host_left=host_left,
         )
 
     def replays(self) -> np.ndarray:
@@ -251,6 +265,8 @@ class _State:
         self.chosen.append(o)
         for u in self.option_units[o]:
             self.usable[self.unit_options[u]] = False
+        self.host_left -= int(arr.option_host[o])
+        self.usable &= arr.option_host <= self.host_left
 
 
 def _estimate(eff: np.ndarray, s: _Static, arr: Arrays, cand: np.ndarray, freed_back: np.ndarray) -> np.ndarray:

@@ -89,6 +89,7 @@ def solve(problem: Problem, time_limit_s: float = 10.0) -> Solution:
         needs = [_ceil_div(int(replay_need[o]), mem.scale) - least for o in r.options]
         chosen = cp_model.LinearExpr.weighted_sum([mem.y[o] for o in r.options], needs)
         mem.model.add(mem.at_back(arr, r) - least >= chosen)
+    _host(mem, problem, arr)
     # objective
     cost = [round(c * NS_PER_MS) for c in arr.option_cost_ms]
     mem.model.minimize(cp_model.LinearExpr.weighted_sum(mem.y, cost))
@@ -138,6 +139,9 @@ def min_peak(problem: Problem, time_limit_s: float = 10.0) -> tuple[int, tuple[i
         needs = [int(arr.option_replay_need[o]) - least for o in r.options]
         chosen = cp_model.LinearExpr.weighted_sum([mem.y[o] for o in r.options], needs)
         mem.model.add(peak + mem.scale * mem.at_back(arr, r) - least >= chosen)
+    _host(mem, problem, arr)
+    if problem.host_bound and problem.host_bytes(hint) > problem.host_budget_bytes:
+        hint, hint_peak = (), int(arr.row_peak.max())  # greedy's plan holds too much on the host: no hint
     # objective
     mem.model.minimize(peak)
     # hint
@@ -155,12 +159,19 @@ def min_peak(problem: Problem, time_limit_s: float = 10.0) -> tuple[int, tuple[i
     raise RuntimeError(f"CP-SAT returned {solver.status_name(status)} on the min-peak model: {mem.model.validate()}")
 
 
+def _host(mem: _Memory, problem: Problem, arr: Arrays) -> None:
+    """sum_o host_o y_o <= host budget, in bytes."""
+    if problem.host_bound:
+        held = cp_model.LinearExpr.weighted_sum(mem.y, [int(b) for b in arr.option_host])
+        mem.model.add(held <= problem.host_budget_bytes)
+
+
 def _starting_plan(problem: Problem, arr: Arrays, budget_bytes: int, deadline: float) -> tuple[tuple[int, ...], int]:
     """Greedy's plan or, on large graphs whose options all cover consecutive units, the dynamic
     programme's (small fronts, then larger ones, each given up at the deadline) when it is cheaper.
     Small graphs need no help."""
     found = None
-    if problem.n_units > DP_HINT_UNITS and arr.option_is_interval.all():
+    if problem.n_units > DP_HINT_UNITS and arr.option_is_interval.all() and not problem.host_bound:
         plans = (dp.plan(problem, arr, deadline, states) for states in HINT_STATES)
         found = min((p for p in plans if p is not None), key=problem.overhead_ms, default=None)
     chosen, peak = greedy.plan(problem, arr, budget_bytes)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.core.actions import EXPENSIVE_OPS, Action, Choice, Semantics, replay_peak
 from planner.core.costmodel import Roofline
@@ -48,6 +48,7 @@ class Option:
     base_bytes: int  # unplanned memory at tick `back`
     replay_peak_bytes: int
     cost_ms: float
+    host_bytes: int = 0  # offload: what it holds in host memory
 
     @property
     def units(self) -> tuple[int, ...]:
@@ -74,6 +75,7 @@ class Problem:
     unplanned_peak_bytes: int
     step_ms: float
     chain: bool  # the units form one chain along which regions may span
+    host_budget_bytes: int | None = None  # host memory offloads may hold at once (None: no bound)
 
     def freed_at(self, chosen: Iterable[int], first: int, last: int) -> int:
         """Bytes the chosen options free through all of ticks first..last."""
@@ -92,15 +94,22 @@ class Problem:
     def overhead_ms(self, chosen: Sequence[int]) -> float:
         return sum(self.options[o].cost_ms for o in chosen)
 
+    def host_bytes(self, chosen: Sequence[int]) -> int:
+        """Host memory the chosen offloads hold, all of them at once (they are out by the end of forward)."""
+        return sum(self.options[o].host_bytes for o in chosen)
+
+    @property
+    def host_bound(self) -> bool:
+        """Whether the host budget rules out some set of offloads."""
+        return self.host_budget_bytes is not None and sum(o.host_bytes for o in self.options) > self.host_budget_bytes
+
     def compatible(self, chosen: Sequence[int]) -> bool:
         """No unit is in two chosen options."""
         units = [u for o in chosen for u in self.options[o].units]
         return len(units) == len(set(units))
 
     def with_budget(self, budget_bytes: int) -> Problem:
-        return Problem(
-            self.n_units, self.options, self.rows, budget_bytes, self.unplanned_peak_bytes, self.step_ms, self.chain
-        )
+        return replace(self, budget_bytes=budget_bytes)
 
 
 def build_problem(
@@ -109,9 +118,10 @@ def build_problem(
     roofline: Roofline | None = None,
     max_segment_units: int = MAX_SEGMENT_UNITS,
     offload: bool = True,
+    host_budget_bytes: int | None = None,
 ) -> Problem:
     """Every useful option on the graph, and the rows of its step (`roofline` as in `simulate`);
-    with `offload` False, no option offloads."""
+    with `offload` False, no option offloads; `host_budget_bytes` bounds what offloads hold at once."""
     semantics = Semantics(graph, roofline or roofline_for(graph))
     sim = simulate(graph)
     ticks = [int(t) for t in sim.timeline.ticks]
@@ -134,11 +144,13 @@ def build_problem(
                 base_bytes=totals[bisect.bisect_right(ticks, effect.replay_tick) - 1],
                 replay_peak_bytes=replay_peak(effect),
                 cost_ms=effect.extra_ms,
+                host_bytes=effect.host_bytes,
             )
         )
     rows = _rows(ticks, totals, options)
     chain = len(graph.segment_links()) == len(graph.units) - 1
-    return Problem(len(graph.units), tuple(options), rows, budget_bytes, sim.peak_bytes, graph.step_ms, chain)
+    return Problem(len(graph.units), tuple(options), rows, budget_bytes, sim.peak_bytes, graph.step_ms, chain,
+                   host_budget_bytes)  # fmt: skip
 
 
 def candidate_choices(graph: ProfiledGraph, max_segment_units: int, offload: bool = True) -> list[Choice]:

@@ -180,12 +180,24 @@ def test_max_batch_fits_and_one_more_does_not() -> None:
         if simulate(graph).peak_bytes <= gpu.usable_bytes:
             return True
         try:
-            chosen = plan(graph, gpu.usable_bytes, roofline=roofline, time_limit_s=5.0)
+            chosen = plan(graph, gpu.usable_bytes, roofline=roofline, time_limit_s=5.0, offload=True,
+                          host_memory=gpu.memory_bytes)  # fmt: skip
         except InfeasibleBudget:
             return False
         return chosen.predicted_overhead_ms <= 0.10 * graph.step_ms
 
     assert fits(best) and not fits(best + 1)
+
+
+def test_offloads_stay_within_the_host_memory() -> None:
+    gpu = tiny_gpu(14 * MIB)
+    results = [compare("resnet", [gpu], variant="small", max_overhead=1.0, host_memory=h)[0] for h in (None, 2 * MIB, 0)]
+    assert [r.host_bytes for r in results] == [gpu.memory_bytes, 2 * MIB, 0]
+    assert all(r.fits and r.peak_bytes <= gpu.usable_bytes for r in results)
+    assert all(0 <= r.offloaded_bytes <= r.host_bytes for r in results)
+    assert all(r.plan.predicted_host_bytes == r.offloaded_bytes for r in results)
+    assert results[0].offloaded_bytes > 2 * MIB and results[2].offloaded_bytes == 0  # the bound is what stops it
+    assert results[0].overhead <= results[1].overhead <= results[2].overhead
 
 
 def test_a_model_that_fits_no_gpu_says_what_it_needs() -> None:
@@ -212,12 +224,13 @@ def test_cli_compare_table_export_plot(tmp_path: Path, capsys: pytest.CaptureFix
     catalog, export, plot = tmp_path / "gpus.yaml", tmp_path / "out.json", tmp_path / "out.png"
     catalog.write_text(TINY_YAML)
     argv = ["compare", "resnet", "--variant", "small", "--gpus", "tiny,t4", "--catalog", str(catalog),
-            "--max-overhead", "5%", "--export", str(export), "--plot", str(plot)]  # fmt: skip
+            "--max-overhead", "5%", "--host-memory", "3MiB", "--export", str(export), "--plot", str(plot)]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "tiny" in out and "t4" in out and "samples" in out and "usable" in out
+    assert "tiny" in out and "t4" in out and "samples" in out and "usable" in out and "3.00 MiB" in out
     data = json.loads(export.read_text())
     assert data["max_overhead"] == 0.05 and [r["gpu"] for r in data["results"]] == ["tiny", "t4"]
+    assert all(r["host_bytes"] == 3 * MIB for r in data["results"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

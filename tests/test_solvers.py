@@ -6,14 +6,16 @@ Run: ``python -m pytest tests/test_solvers.py -q``
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from planner.core.actions import Action
 from solvers import SOLVERS, Problem, Status, arrays, auto_solver, get_solver, ilp
-from synthetic import brute_force, brute_min_peak, plans, random_problem
+from brute import MAX_PLANS, brute_force, brute_min_peak, plans
+from solvers.synthetic import training_step
 
 FITS = (Status.OPTIMAL, Status.FEASIBLE, Status.TIME_LIMIT)
 EXACT = ("ilp", "dp")
@@ -27,13 +29,12 @@ class Case:
     seed: int
     n_units: int
     chain: bool
-    structured: bool = True
+    scrambled: bool = False
     aligned: bool = True
     budget: str = "drawn"  # "drawn", "unplanned" (the step fits as it is) or "below" (no plan fits)
 
     def problem(self) -> Problem:
-        rng = random.Random(self.seed)
-        p = random_problem(rng, self.n_units, chain=self.chain, structured=self.structured, aligned=self.aligned)
+        p = small_problem(self.n_units, skips=not self.chain, seed=self.seed, scrambled=self.scrambled, aligned=self.aligned)
         if self.budget == "unplanned":
             return p.with_budget(p.unplanned_peak_bytes)
         if self.budget == "below":
@@ -41,17 +42,26 @@ class Case:
         return p
 
 
+def _rows_peak(problem: Problem, chosen: tuple[int, ...]) -> int:
+    return max(r.peak_bytes - problem.freed_at(chosen, r.first, r.last) for r in problem.rows)
+
+
+def _replay_binds(problem: Problem) -> bool:
+    fit = [c for c in plans(problem) if _rows_peak(problem, c) <= problem.budget_bytes]
+    return bool(fit) and problem.peak_bytes(min(fit, key=problem.overhead_ms)) > problem.budget_bytes
+
+
 CASES = [
     Case("chain", 1, 8, chain=True),
     Case("chain-long", 7, 10, chain=True),
     Case("chain-fits-as-is", 2, 6, chain=True, budget="unplanned"),
     Case("chain-below-any-plan", 3, 6, chain=True, budget="below"),
-    Case("chain-replay-binds", 39, 6, chain=True),  # the cheapest plan by rows alone peaks in a replay
-    Case("chain-unstructured", 4, 7, chain=True, structured=False),
+    Case("chain-replay-binds", 11, 6, chain=True, scrambled=True),  # see test_replay_cases_bind
+    Case("chain-scrambled", 4, 7, chain=True, scrambled=True),
     Case("chain-rows-uncut", 5, 7, chain=True, aligned=False),
     Case("dag", 6, 8, chain=False),
-    Case("dag-replay-binds", 1, 6, chain=False),
-    Case("dag-unstructured", 8, 7, chain=False, structured=False, aligned=False),
+    Case("dag-replay-binds", 1, 7, chain=False, scrambled=True),
+    Case("dag-scrambled", 8, 7, chain=False, scrambled=True, aligned=False),
     Case("single-unit", 9, 1, chain=True),
 ]
 
@@ -95,14 +105,26 @@ def test_case_table(case: Case, name: str) -> None:
         pytest.fail(f"{name} claims a plan where none fits")
 
 
+def small_problem(n_units: int, **shape) -> Problem:
+    """A synthetic problem small enough for the brute force (regions of up to 3 units unless told)."""
+    return training_step(n_units, max_plans=MAX_PLANS, **{"max_segment_units": 3} | shape)
+
+
+def test_replay_cases_bind() -> None:
+    """In the cases so named, the cheapest plan by the rows alone peaks in a replay, over the budget."""
+    cases = [c for c in CASES if "replay" in c.name]
+    assert cases and all(_replay_binds(c.problem()) for c in cases)
+    assert all(c.problem().chain is c.chain for c in CASES)
+
+
 @st.composite
 def problems(draw, chain: bool | None = None) -> Problem:
-    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
-    return random_problem(
-        rng,
+    return small_problem(
         draw(st.integers(2, 10)),
-        chain=draw(st.booleans()) if chain is None else chain,
-        structured=draw(st.booleans()),
+        skips=not draw(st.booleans()) if chain is None else not chain,
+        seed=draw(st.integers(0, 2**32 - 1)),
+        budget_share=draw(st.floats(-0.1, 1.0)),
+        scrambled=draw(st.booleans()),
         aligned=draw(st.booleans()),
         max_segment_units=draw(st.integers(1, 4)),
     )
@@ -153,13 +175,41 @@ def test_vectorised_peak_matches_the_problem(problem: Problem) -> None:
         assert arrays.peak_bytes(arr, chosen) == problem.peak_bytes(chosen)
 
 
+@st.composite
+def host_bound_problems(draw) -> Problem:
+    """A problem whose offloads hold host memory, with room in it for some of them only."""
+    problem = draw(problems())
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    options = tuple(
+        replace(o, host_bytes=rng.randint(1, 1000) if o.choice.action is Action.OFFLOAD else 0) for o in problem.options
+    )
+    total = sum(o.host_bytes for o in options)
+    return replace(problem, options=options, host_budget_bytes=rng.randint(0, total) if total else 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(host_bound_problems())
+def test_host_memory_bounds_what_plans_offload(problem: Problem) -> None:
+    solution, best = ilp.solve(problem), brute_force(problem)
+    if best is None:
+        assert solution.status is Status.INFEASIBLE
+    else:
+        assert problem.overhead_ms(solution.chosen) == pytest.approx(best[0], abs=TOLERANCE_MS)
+    peak, chosen = ilp.min_peak(problem)
+    assert peak == brute_min_peak(problem) and problem.host_bytes(chosen) <= problem.host_budget_bytes
+    for name in ("auto", "greedy"):
+        chosen = run(auto_solver(problem) if name == "auto" else name, problem)
+        if chosen is not None and chosen.status is not Status.INFEASIBLE:
+            assert problem.host_bytes(chosen.chosen) <= problem.host_budget_bytes
+
+
 def test_unknown_solver_lists_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="ilp, dp, greedy, none, all, sqrt"):
         get_solver("rotor")
 
 
 def test_auto_solver_picks_dp_for_long_chains_only() -> None:
-    chain = random_problem(random.Random(0), 4, chain=True)
+    chain = small_problem(4, skips=False)
     long_chain = Problem(61, chain.options, chain.rows, chain.budget_bytes, chain.unplanned_peak_bytes, 1.0, True)
     dag = Problem(61, chain.options, chain.rows, chain.budget_bytes, chain.unplanned_peak_bytes, 1.0, False)
     assert (auto_solver(chain), auto_solver(long_chain), auto_solver(dag)) == ("ilp", "dp", "ilp")

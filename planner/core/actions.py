@@ -86,6 +86,7 @@ class Effect:
     replay: tuple[tuple[int, int], ...]  # (block index, +bytes allocated or -bytes freed), in order
     extra_ms: float
     snapshot_bytes: int = 0
+    host_bytes: int = 0  # an offload's copies in host memory
 
 
 class Semantics:
@@ -191,7 +192,8 @@ class Semantics:
             work_ms = self._offload_ms(choice.units[0], sum(delta for _, delta in replay))
             snapshot = 0
         extra_ms = self._fixed_ms(choice.action, len(releases)) + work_ms
-        return Effect(releases, held, back, replay, extra_ms, snapshot)
+        host = sum(delta for _, delta in replay) if choice.action is Action.OFFLOAD else 0
+        return Effect(releases, held, back, replay, extra_ms, snapshot, host)
 
     def _held(self, units: set[int], back: int, owned: list[int], save_ops: frozenset[str]) -> tuple[Release, ...]:
         """Blocks the region's checkpoint keeps alive longer than the step without it: its inputs made

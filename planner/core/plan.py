@@ -9,7 +9,7 @@ Plain data, no torch. `to_dict` / `from_dict` give the plan file's content:
     status: optimal
     gap: 0.0
     solve_s: 0.04
-    predicted: {peak_bytes: 12001234, overhead_ms: 3.1, step_ms: 40.2}
+    predicted: {peak_bytes: 12001234, overhead_ms: 3.1, step_ms: 40.2, host_bytes: 1048576}
     unplanned: {peak_bytes: 25499400}
     units:
       - {unit: "wte#0", action: keep}
@@ -58,6 +58,7 @@ class Plan:
     unplanned_peak_bytes: int
     forwards: int = 1  # forwards of the model in one training step: unit calls are counted over them
     margin_bytes: int = 0  # kept free under the budget for what a measured step showed beyond the prediction
+    predicted_host_bytes: int = 0  # host memory the offloads hold at once
 
     @property
     def overhead_pct(self) -> float:
@@ -96,6 +97,7 @@ class Plan:
                 "peak_bytes": self.predicted_peak_bytes,
                 "overhead_ms": self.predicted_overhead_ms,
                 "step_ms": self.step_ms,
+                "host_bytes": self.predicted_host_bytes,
             },
             "unplanned": {"peak_bytes": self.unplanned_peak_bytes},
             "forwards": self.forwards,
@@ -127,6 +129,7 @@ class Plan:
             unplanned_peak_bytes=unplanned.get("peak_bytes", int),
             forwards=fields.get("forwards", int) if "forwards" in fields.data else 1,
             margin_bytes=fields.get("margin_bytes", int) if "margin_bytes" in fields.data else 0,
+            predicted_host_bytes=predicted.get("host_bytes", int) if "host_bytes" in predicted.data else 0,
         )
 
 

@@ -35,7 +35,8 @@ class Timeline:
 
 @dataclass(frozen=True)
 class Simulation:
-    """Predicted memory of one steady-state step, in bytes, and its time in ms."""
+    """Predicted memory of one steady-state step, in bytes, and its time in ms; `host_bytes` is what
+    the offloads hold in host memory (all of them, as if at once)."""
 
     peak_bytes: int
     peak_tick: float
@@ -43,6 +44,7 @@ class Simulation:
     timeline: Timeline
     step_ms: float
     extra_ms: float = 0.0
+    host_bytes: int = 0
 
     def breakdown(self) -> dict[str, int]:
         return {c.value: b for c, b in self.peak_breakdown.items()}
@@ -54,7 +56,7 @@ def simulate(graph: ProfiledGraph, choices: Iterable[Choice] = (), roofline: Roo
     choices = list(choices)
     if roofline is None and choices:
         roofline = roofline_for(graph)
-    events, extra_ms = _events(graph, choices, roofline)
+    events, extra_ms, host_bytes = _events(graph, choices, roofline)
     events.sort(key=lambda e: e[0])
     live = {c: 0 for c in Category} | graph.fixed.by_category()
     total = sum(live[c] for c in FIXED_CATEGORIES)
@@ -75,11 +77,13 @@ def simulate(graph: ProfiledGraph, choices: Iterable[Choice] = (), roofline: Roo
         timeline=Timeline(tuple(ticks), {c: tuple(v) for c, v in series.items()}),
         step_ms=graph.step_ms + extra_ms,
         extra_ms=extra_ms,
+        host_bytes=host_bytes,
     )
 
 
-def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline | None) -> tuple[list, float]:
-    """(sort key, bytes delta, category) for every allocation and free under the choices.
+def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline | None) -> tuple[list, float, int]:
+    """(sort key, bytes delta, category) for every allocation and free under the choices, their
+    extra time and the bytes they offload.
 
     Keys order the original event at a tick first, then deaths at that tick,
     then any replay starting there. A block that several chosen regions hold is
@@ -90,12 +94,13 @@ def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline | No
     death: dict[int, int] = {}
     replays = []
     holds = []
-    extra_ms = 0.0
+    extra_ms, host_bytes = 0.0, 0
     for n, choice in enumerate(choices):
         effect = semantics.effect(choice)
         if effect is None:
             continue
         extra_ms += effect.extra_ms
+        host_bytes += effect.host_bytes
         death |= {r.block: r.death for r in effect.releases}
         for r in effect.held:  # alive again right after its free, until the region's backward is over
             bytes_, category = graph.blocks[r.block].bytes, graph.blocks[r.block].category
@@ -115,4 +120,4 @@ def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline | No
         if b.free is not None:
             events.append(((b.free, 0), -b.bytes, b.category))
     events += replays
-    return events + holds, extra_ms
+    return events + holds, extra_ms, host_bytes

@@ -54,6 +54,11 @@ def parse_bytes(text: str) -> int:
     return int(size)
 
 
+def size_bytes(size: int | str) -> int:
+    """Bytes from an int (as it is) or a size such as "64GiB" (`parse_bytes`)."""
+    return size if isinstance(size, int) else parse_bytes(size)
+
+
 def parse_budget(budget: int | float | str, unplanned_peak_bytes: int) -> int:
     """Bytes from a size ("6GiB", "6000MB", 123456) or a share of the unplanned peak ("60%")."""
     if isinstance(budget, str) and budget.strip().endswith("%"):

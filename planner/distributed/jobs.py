@@ -42,6 +42,7 @@ class RankJob:
     solver: str = "auto"
     time_limit_s: float = 10.0
     offload: bool | None = None  # as `planner.plan` takes it
+    host_memory: int | None = None  # as `planner.plan` takes it
     steps: int = 5
     seed: int = 0
 
@@ -94,7 +95,8 @@ def _job_plan(job: RankJob, graph: ProfiledGraph):
 
 
 def _solve(job: RankJob) -> dict[str, Any]:
-    return {"solver": job.solver, "time_limit_s": job.time_limit_s, "offload": job.offload}
+    return {"solver": job.solver, "time_limit_s": job.time_limit_s, "offload": job.offload,
+            "host_memory": job.host_memory}  # fmt: skip
 
 
 def plan_rank(rank: int, world_size: int, job: RankJob):

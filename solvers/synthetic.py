@@ -1,6 +1,8 @@
-"""Synthetic training steps of any length, built straight into a `Problem` (no torch, no profile).
+"""Synthetic training steps of any length, built straight into a `Problem` (no torch, no profile):
+the problems the solvers are tested and benchmarked on.
 
-    problem = training_step(1_000, skips=False, seed=0)
+    problem = training_step(1_000, skips=False, seed=0)                   # as `bench.solver_scaling` times
+    problem = training_step(6, skips=True, seed=3, max_plans=1500)        # small enough for a brute force
 
 Each unit saves a few groups of bytes in its forward: its own (dead at the end
 of its forward), some shared with the next unit (dead at the end of the next
@@ -12,13 +14,22 @@ transient in forward and a larger one in backward. The options are those
 `build_problem` offers: offload each unit (back one unit ahead of its
 backward, copy time hidden behind the next unit's compute where it can be),
 and recompute runs of up to 16 units along segment links, in full and keeping
-expensive outputs; a region holds its input (made by the unit before it) a
+expensive outputs; a replay peaks at what it saves again plus a forward
+transient; a region holds its input (made by the unit before it) a
 little longer, until its backward is over (negative freed bytes). With `skips`, one link in every 3 to 6 is a skip (a
 residual join): no region spans it, and a group of the unit before it stays
 alive until a later unit reads it, so its death lies past its region.
+
+For tests, `max_plans` drops options at random until at most that many sets of
+compatible options remain; `aligned` False cuts the rows at only some of the
+ticks where an entry starts or stops; `scrambled` draws every option's deaths,
+backs and freed bytes (some negative) and the memory curve at random, so that
+nothing but the formula of `Problem.peak_bytes` holds.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -30,20 +41,37 @@ HOST_BYTES_PER_MS = 24e6  # PCIe-class copies, bytes per ms
 SAVE_OPS = frozenset({"aten.mm"})
 
 
-def training_step(n_units: int, *, skips: bool, seed: int = 0, budget_share: float = 0.5) -> Problem:
+def training_step(
+    n_units: int,
+    *,
+    skips: bool,
+    seed: int = 0,
+    budget_share: float = 0.5,
+    max_segment_units: int = MAX_SEGMENT_UNITS,
+    max_plans: int | None = None,
+    aligned: bool = True,
+    scrambled: bool = False,
+) -> Problem:
     """A step of `n_units` units whose budget is `budget_share` of the way from the least peak any option
-    set could reach down to (a bound) up to the unplanned peak."""
+    set could reach down to (a bound) up to the unplanned peak (below 0: no plan fits); regions span
+    at most `max_segment_units` units."""
     rng = np.random.default_rng(seed)
+    extra = np.random.default_rng([seed, 1])  # for what tests ask for, so that the rest stays as it was
     units = _units(rng, n_units, skips)
     fwd_end = W * np.arange(n_units) + W - 1
     bwd_start = W * n_units + W * (n_units - 1 - np.arange(n_units)) + 1
     end_tick = 2 * W * n_units + W
     options = []
     for u in range(n_units):
-        options += _options_at(u, units, fwd_end, bwd_start)
+        options += _options_at(u, units, fwd_end, bwd_start, max_segment_units)
+    if max_plans is not None:
+        options = _thin(extra, n_units, options, max_plans)
     curve = _curve(rng, units, bwd_start, end_tick)
-    rows = _rows(options, curve, end_tick)
-    options = [Option(o.choice, o.freed, o.back, int(curve[o.back]), o.replay_peak_bytes, o.cost_ms) for o in options]
+    if scrambled:
+        options = [_scrambled(extra, o, end_tick) for o in options]
+        curve = curve.min() + extra.integers(0, curve.max() - curve.min() + 1, size=curve.size)
+    rows = _rows(options, curve, end_tick, None if aligned else extra)
+    options = [replace(o, base_bytes=int(curve[o.back])) for o in options]
     unplanned = max(r.peak_bytes for r in rows)
     lowest = _lowest_bound(options, rows)
     budget = int(lowest + budget_share * (unplanned - lowest))
@@ -77,7 +105,7 @@ def _units(rng: np.random.Generator, n: int, skips: bool) -> list[dict]:
     return units
 
 
-def _options_at(u: int, units: list[dict], fwd_end: np.ndarray, bwd_start: np.ndarray) -> list[Option]:
+def _options_at(u: int, units: list[dict], fwd_end: np.ndarray, bwd_start: np.ndarray, max_units: int) -> list[Option]:
     n = len(units)
     options = []
     off = _released(u, u, units, fwd_end, offload=True, save=False)
@@ -90,7 +118,8 @@ def _options_at(u: int, units: list[dict], fwd_end: np.ndarray, bwd_start: np.nd
     while True:
         region = tuple(range(u, end + 1))
         ms = sum(units[i]["ms"] for i in region)
-        allocated = sum(sum(units[i]["own"]) + units[i]["expensive"] + units[i]["shared"] for i in region)
+        transient = max(max(units[i]["own"]) for i in region)  # the replayed forward's own transient
+        allocated = sum(sum(units[i]["own"]) + units[i]["expensive"] + units[i]["shared"] for i in region) + transient
         full = _released(u, end, units, fwd_end, offload=False, save=False)
         held = _held(u, end, units, bwd_start)
         options.append(_option(Action.RECOMPUTE, region, full, int(bwd_start[end]), allocated, ms, frozenset(), held))
@@ -101,7 +130,7 @@ def _options_at(u: int, units: list[dict], fwd_end: np.ndarray, bwd_start: np.nd
             options.append(
                 _option(Action.RECOMPUTE, region, saved, int(bwd_start[end]), allocated - kept, ms_saved, SAVE_OPS, held)
             )
-        if end + 1 - u >= MAX_SEGMENT_UNITS or end + 1 >= n or units[end]["skip_after"]:
+        if end + 1 - u >= max_units or end + 1 >= n or units[end]["skip_after"]:
             return [o for o in options if o.freed]
         end += 1
 
@@ -159,14 +188,47 @@ def _curve(rng: np.random.Generator, units: list[dict], bwd_start: np.ndarray, e
     return curve
 
 
-def _rows(options: list[Option], curve: np.ndarray, end_tick: int) -> tuple[Row, ...]:
-    cuts = {0, end_tick + 1}
+def _rows(options: list[Option], curve: np.ndarray, end_tick: int, rng: np.random.Generator | None) -> tuple[Row, ...]:
+    """Rows cut wherever an entry starts or stops, as `build_problem` cuts them (with `rng`, at some of those ticks)."""
+    cuts = set()
     for o in options:
         for f in o.freed:
             cuts |= {f.death + 1, f.back + 1}
-    cuts = np.array(sorted(c for c in cuts if c <= end_tick + 1))
+    if rng is not None:
+        cuts = {c for c in sorted(cuts) if rng.random() < 0.5}
+    cuts = np.array(sorted({0, end_tick + 1} | {c for c in cuts if 0 < c <= end_tick + 1}))
     peaks = np.maximum.reduceat(curve, cuts[:-1])
     return tuple(Row(int(a), int(b) - 1, int(p)) for a, b, p in zip(cuts[:-1], cuts[1:], peaks))
+
+
+def _scrambled(rng: np.random.Generator, option: Option, end_tick: int) -> Option:
+    """The option with random entries: freed from a random tick to a later one, some held (negative)."""
+    entries = []
+    for _ in range(int(rng.integers(1, 4))):
+        death = int(rng.integers(0, end_tick - 1))
+        nbytes = int(rng.integers(1, 40)) * 2**16 * (-1 if rng.random() < 0.15 else 1)
+        entries.append(Freed(nbytes, death, int(rng.integers(death + 1, end_tick))))
+    return replace(option, freed=tuple(entries), back=int(rng.integers(1, end_tick)))
+
+
+def _thin(rng: np.random.Generator, n_units: int, options: list[Option], max_plans: int) -> list[Option]:
+    """Options dropped at random until at most `max_plans` sets of compatible ones remain."""
+    options = list(options)
+    while count_plans(n_units, options) > max_plans:
+        options.pop(int(rng.integers(len(options))))
+    return options
+
+
+def count_plans(n_units: int, options: list[Option]) -> int:
+    """Sets of compatible options, for options over consecutive units."""
+    by_first: dict[int, list[int]] = {}
+    for o in options:
+        by_first.setdefault(min(o.units), []).append(len(o.units))
+    count = [0] * (n_units + 1)
+    count[n_units] = 1
+    for u in reversed(range(n_units)):
+        count[u] = count[u + 1] + sum(count[u + length] for length in by_first.get(u, []))
+    return count[0]
 
 
 def _lowest_bound(options: list[Option], rows: tuple[Row, ...]) -> int:
