@@ -282,4 +282,5 @@ def test_the_high_water_mark_sees_what_the_tracker_and_the_prediction_see():
         assert 0.95 * r["live"] <= r["high_water"] <= 1.02 * r["live"], (step, r)
         assert abs(r["predicted"] - r["live"]) <= 0.02 * r["live"], (step, r)
     assert result["planned"]["live"] <= result["budget"]
-    assert result["planned"]["high_water"] <= result["budget"] + result["unplanned"]["high_water"] - result["unplanned"]["live"]
+    outside = max(0, result["unplanned"]["high_water"] - result["unplanned"]["live"])  # held outside live tensors
+    assert result["planned"]["high_water"] <= result["budget"] + outside
