@@ -13,7 +13,7 @@ while gradients pile up until the optimizer step; each unit also has a
 transient in forward and a larger one in backward. The options are those
 `build_problem` offers: offload each unit (back one unit ahead of its
 backward, copy time hidden behind the next unit's compute where it can be),
-and recompute runs of up to 16 units along segment links, in full and keeping
+and recompute runs of up to `max_segment_units` units (16) along segment links, in full and keeping
 expensive outputs; a replay peaks at what it saves again plus a forward
 transient; a region holds its input (made by the unit before it) a
 little longer, until its backward is over (negative freed bytes). With `skips`, one link in every 3 to 6 is a skip (a
