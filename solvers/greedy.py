@@ -227,16 +227,18 @@ class _State:
     def _batch(self, cand: np.ndarray, score: np.ndarray, gain: np.ndarray, excess: int) -> list[int]:
         order = np.argsort(-score, kind="stable")
         good = np.count_nonzero(score >= score[order[0]] / 2)
-        batch, used, total = [], set(), 0
+        batch, used, total, host = [], set(), 0, 0
         for i in order[:good].tolist():
             units = set(self.option_units[cand[i]])
-            if units & used:
+            held = int(self.arr.option_host[cand[i]])
+            if units & used or host + held > self.host_left:
                 continue
             if batch and (total + gain[i] > excess or len(batch) >= self.batch_max):
                 break
             batch.append(int(cand[i]))
             used |= units
             total += int(gain[i])
+            host += held
         return batch
 
     def _at_peak(self, eff: np.ndarray, peak: int, cand: np.ndarray, cost: np.ndarray) -> int | None:

@@ -140,8 +140,6 @@ def min_peak(problem: Problem, time_limit_s: float = 10.0) -> tuple[int, tuple[i
         chosen = cp_model.LinearExpr.weighted_sum([mem.y[o] for o in r.options], needs)
         mem.model.add(peak + mem.scale * mem.at_back(arr, r) - least >= chosen)
     _host(mem, problem, arr)
-    if problem.host_bound and problem.host_bytes(hint) > problem.host_budget_bytes:
-        hint, hint_peak = (), int(arr.row_peak.max())  # greedy's plan holds too much on the host: no hint
     # objective
     mem.model.minimize(peak)
     # hint

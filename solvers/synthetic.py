@@ -165,7 +165,8 @@ def _held(first: int, last: int, units: list[dict], bwd_start: np.ndarray) -> tu
 
 def _option(action, units, freed, back, allocated, cost, save_ops, held=()) -> Option:
     entries = tuple(Freed(b, d, back) for d, b in sorted(freed.items()) if d < back) + tuple(held)
-    return Option(Choice(action, units, save_ops), entries, back, 0, allocated, cost)
+    host = allocated if action is Action.OFFLOAD else 0  # an offload's copies wait in host memory
+    return Option(Choice(action, units, save_ops), entries, back, 0, allocated, cost, host)
 
 
 def _curve(rng: np.random.Generator, units: list[dict], bwd_start: np.ndarray, end_tick: int) -> np.ndarray:

@@ -203,6 +203,15 @@ def test_host_memory_bounds_what_plans_offload(problem: Problem) -> None:
             assert problem.host_bytes(chosen.chosen) <= problem.host_budget_bytes
 
 
+def test_greedy_stays_within_the_host_memory_on_large_steps() -> None:
+    """Greedy adds several options a round on large graphs; together they must fit the host memory too."""
+    problem = training_step(400, skips=False, budget_share=0.0)
+    offloads = sum(o.host_bytes for o in problem.options)
+    bound = replace(problem, host_budget_bytes=offloads // 20)
+    chosen = get_solver("greedy")(bound, 10.0).chosen
+    assert chosen and bound.host_bytes(chosen) <= bound.host_budget_bytes
+
+
 def test_unknown_solver_lists_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="ilp, dp, greedy, none, all, sqrt"):
         get_solver("rotor")
