@@ -4,9 +4,11 @@
     python -m bench.hf_checkpointing --models gpt2 --steps 5
 
 Per model (random weights from a config, AdamW), in one process: no checkpointing; Hugging Face's
-checkpointing of every layer and of every second and third layer (`every_n_layers`); the planner
-(`planner.auto`, no units named) at each of their measured peaks, and at fixed memory + 50% of the
-activations. Each method is measured on the loop as a user writes it (`loss = model(**batch).loss;
+checkpointing of every layer and of every second and third layer (`every_n_layers`); per-layer
+selective checkpointing with a fixed save list, through Hugging Face's checkpointing and PyTorch's
+selective-checkpoint policies: every matmul's output saved, or torchtitan's list (matmuls and
+attention kernels saved, but every second matmul recomputed); the planner (`planner.auto`, no units
+named) at each of their measured peaks, and at fixed memory + 50% of the activations. Each method is measured on the loop as a user writes it (`loss = model(**batch).loss;
 loss.backward(); optimizer.step(); optimizer.zero_grad()`): its peak by live storages, and its step
 time as the median of --steps steps, each after a step of no checkpointing, over the median of
 those, in a process where the C library keeps the memory it is given back (`KEEP_FREED`, as CUDA's
@@ -21,6 +23,7 @@ steady-state step, plans read from the files the first process wrote.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils import checkpoint as ckpt
 
 import planner
 from planner.core.graph import Category
@@ -97,14 +101,44 @@ def peak_bytes(model, batch, optimizer) -> tuple[int, int | None]:
     return before + tracker.peak_bytes, None if rise() is None else before + rise()
 
 
-def hf_checkpointing(model, every: int | None) -> None:
-    """Hugging Face's checkpointing of every `every`-th layer, or none."""
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+SELECTIVE = ("every matmul", "torchtitan's list")
+
+
+def selective(kind: str):
+    """A context function for `torch.utils.checkpoint`: a fresh selective-checkpoint policy per
+    checkpointed call, saving every matmul's output, or the attention kernels' and every second
+    matmul's (counted apart in the forward and in its recomputation)."""
+
+    def context_fn():
+        matmuls = {False: 0, True: 0}
+
+        def policy(ctx, func, *args, **kwargs):
+            if func in MATMULS:
+                matmuls[ctx.is_recompute] += 1
+                keep = kind == "every matmul" or matmuls[ctx.is_recompute] % 2 == 1
+            else:
+                keep = kind != "every matmul" and func in ATTENTION
+            return ckpt.CheckpointPolicy.MUST_SAVE if keep else ckpt.CheckpointPolicy.PREFER_RECOMPUTE
+
+        return ckpt.create_selective_checkpoint_contexts(policy)
+
+    return context_fn
+
+
+def hf_checkpointing(model, every: int | None, kind: str | None = None) -> None:
+    """Hugging Face's checkpointing of every `every`-th layer (selective with a `SELECTIVE` kind), or none."""
     if every is None:
-        model.gradient_checkpointing_disable()
-    elif hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(every_n_layers=every)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_disable()
+        return
+    kwargs = {"use_reentrant": False} | ({"context_fn": selective(kind)} if kind else {})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
 
 
 class Method:
@@ -114,9 +148,10 @@ class Method:
         self.name, self.on, self.off, self.plan = name, on, off, plan
 
 
-def hf_method(model, every: int) -> Method:
-    label = "every layer" if every == 1 else f"every_n_layers={every}"
-    return Method(f"HF checkpointing, {label}", lambda: hf_checkpointing(model, every), lambda: hf_checkpointing(model, None))
+def hf_method(model, every: int, kind: str | None = None) -> Method:
+    label = f"selective per layer, {kind}" if kind else "every layer" if every == 1 else f"every_n_layers={every}"
+    return Method(f"HF checkpointing, {label}", lambda: hf_checkpointing(model, every, kind),
+                  lambda: hf_checkpointing(model, None))
 
 
 def plan_method(model, plan, label: str) -> Method:
@@ -132,7 +167,7 @@ def measure(name: str, steps: int) -> dict:
     unplanned, _ = peak_bytes(model, batch, optimizer)
     grads = sum(b.bytes for b in graph.blocks if b.category is Category.GRADIENTS)
     fixed = graph.fixed.total + grads
-    methods = [hf_method(model, every) for every in HF_EVERY if every == 1 or hasattr(model, "activation_checkpointing_enable")]
+    methods = [hf_method(model, every) for every in HF_EVERY] + [hf_method(model, 1, kind) for kind in SELECTIVE]
     rows = [{"method": "no checkpointing", "peak_bytes": unplanned, "predicted_bytes": planner.simulate(graph).peak_bytes}]
     budgets = []
     for method in methods:
@@ -180,8 +215,9 @@ def step_ratio(model, batch, optimizer, method: Method, steps: int) -> float:
 
 def _summary(plan) -> str:
     regions = sum(c.action.value == "recompute" for c in plan.choices)
-    kept = sorted({op.split(".")[-1] for c in plan.choices for op in c.save_ops})
-    return f"{regions} region{'s' if regions != 1 else ''}" + (f", keeping {', '.join(kept)}" if kept else "")
+    kept = collections.Counter(k.op.split(".")[-1] for c in plan.choices for k in c.save_ops)
+    return f"{regions} region{'s' if regions != 1 else ''}" + (
+        ", keeping " + ", ".join(f"{n} × {op}" for op, n in sorted(kept.items())) if kept else "")
 
 
 def high_water_marks(result: dict, directory: Path) -> None:
@@ -203,8 +239,9 @@ def hwm_of(path: Path, method_name: str) -> int:
     if method_name in result["plans"]:
         planner.apply(model, Plan.from_dict(result["plans"][method_name]))
     elif method_name.startswith("HF"):
-        every = 1 if "every layer" in method_name else int(method_name.rsplit("=", 1)[1])
-        hf_checkpointing(model, every)
+        kind = next((k for k in SELECTIVE if method_name.endswith(k)), None)
+        every = int(method_name.rsplit("=", 1)[1]) if "every_n_layers" in method_name else 1
+        hf_checkpointing(model, every, kind)
     return peak_bytes(model, batch, optimizer)[1]
 
 

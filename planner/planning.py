@@ -22,7 +22,7 @@ from planner.core.plan import Plan, Status
 from planner.core.simulator import simulate
 from planner.core.sizes import format_bytes, parse_budget, size_bytes
 from planner.distributed.collective import agreed_union, agreed_units, on_worst_rank, worst_peak
-from planner.execution import apply
+from planner.execution import ReplayFailed, apply
 from planner.measurement import measure, replays_left_behind
 from planner.profiling import profile, unit_names
 from solvers import Solution, auto_solver, build_problem, get_solver
@@ -211,32 +211,33 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
     measurement.
 
     The step's peak (live storages on a CPU, what the allocator reserves on CUDA) is compared with
-    the plan's budget. Where it is over, a step with every unit recomputed on its own finds the
-    units whose replays leave memory behind, and the plan is made again (`plan(graph, budget,
+    the plan's budget. Where it is over, or a replay fails where its forward ran (`ReplayFailed`), a
+    step with every unit recomputed on its own finds the units whose replays leave memory behind, and
+    the plan is made again (`plan(graph, budget,
     **solve)`) without recomputing them, or, if there are none, with the excess kept free (a warning
     says so), up to MAX_REPLANS times; then BudgetExceeded. `step_args` are the step's `loss_fn`,
     `optimizer`, `step` and `autocast_dtype`, as `profile` takes them. Collective under
     torch.distributed.
     """
     solve = solve or {}
-    optimizer = step_args.get("optimizer")
     for attempt in range(MAX_REPLANS + 1):
         handle = apply(model, chosen)
-        warmup = int(optimizer is not None and not optimizer.state)  # the checked step is a steady one
-        handle.measured = measure(model, example_batch, steps=0, warmup=warmup, **step_args)
-        peak = worst_peak(max(handle.measured.peak_bytes, handle.measured.reserved_bytes or 0))
-        if peak <= chosen.budget_bytes:
+        failed, peak = _checked_step(handle, model, example_batch, **step_args)
+        if not failed and peak <= chosen.budget_bytes:
             return handle
         handle.remove()
-        over = f"the planned step measured {format_bytes(peak)}, over the budget of {format_bytes(chosen.budget_bytes)}"
+        over = (f"the planned step failed in the replay of {_keys(graph, failed)}" if failed else
+                f"the planned step measured {format_bytes(peak)}, over the budget of {format_bytes(chosen.budget_bytes)}")
         if attempt == MAX_REPLANS:
             break
         with apply(model, plan_ranks(graph, 2 * chosen.unplanned_peak_bytes, solver="all", offload=False)) as probe:
-            left = sorted(agreed_union(replays_left_behind(probe, example_batch, **step_args)))
-        if left:
-            why = f"replays of {', '.join(graph.units[u].key for u in left)} left memory behind"
+            left = agreed_union(replays_left_behind(probe, example_batch, **step_args))
+        if left or failed:
+            why = " and ".join([f"replays of {_keys(graph, left)} left memory behind"] * bool(left)
+                               + [f"replays of {_keys(graph, failed)} did not do what their forward did"] * bool(failed))
             log.warning("%s: %s, so they are not recomputed; planning again", over, why)
-            graph = replace(graph, units=tuple(replace(u, replayable=False) if u.index in left else u for u in graph.units))
+            graph = replace(graph, units=tuple(replace(u, replayable=False) if u.index in left | failed else u
+                                               for u in graph.units))
             margin = chosen.margin_bytes
         else:
             margin = chosen.margin_bytes + peak - chosen.predicted_peak_bytes
@@ -248,3 +249,21 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
         except InfeasibleBudget as err:
             raise InfeasibleBudget(f"{over}, and {why}: {err}", err.smallest_bytes) from None
     raise BudgetExceeded(f"{over}, after planning {MAX_REPLANS} more times; give a smaller budget")
+
+
+def _checked_step(handle, model, example_batch, **step_args) -> tuple[set[int], int]:
+    """Measure one planned step (`handle.measured`): the units whose replays failed and the peak (live
+    storages, or what the allocator reserved), over every rank (collective under torch.distributed)."""
+    optimizer = step_args.get("optimizer")
+    warmup = int(optimizer is not None and not optimizer.state)  # the checked step is a steady one
+    failed, peak = set(), 0
+    try:
+        handle.measured = measure(model, example_batch, steps=0, warmup=warmup, **step_args)
+        peak = max(handle.measured.peak_bytes, handle.measured.reserved_bytes or 0)
+    except ReplayFailed as err:
+        failed = set(err.units)
+    return agreed_union(failed), worst_peak(peak)
+
+
+def _keys(graph: ProfiledGraph, units: set[int]) -> str:
+    return ", ".join(graph.units[u].key for u in sorted(units))

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import collections
+
 from typing import TYPE_CHECKING
 
 from rich import box
@@ -148,7 +150,9 @@ def plan_table(plan: Plan, graph: ProfiledGraph) -> Table:
         table.add_column(column, justify="left" if column in ("unit", "kind", "action") else "right")
     styles = {"keep": "dim", "recompute": "yellow", "offload": "cyan"}
     for (key, action, region, save_ops), unit in zip(plan.decisions(), graph.units):
-        label = action.value + (" (keeps " + ", ".join(sorted(o.split(".")[-1] for o in save_ops)) + ")" if save_ops else "")
+        kept = collections.Counter(k.op.split(".")[-1] for k in save_ops)
+        label = action.value + (" (keeps " + ", ".join(op + f" ×{n}" * (n > 1) for op, n in sorted(kept.items())) + ")"
+                                if kept else "")
         table.add_row(
             key,
             unit.kind,

@@ -22,13 +22,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from planner.core.actions import EXPENSIVE_OPS, Action, Choice, Semantics, replay_peak
+from planner.core.actions import EXPENSIVE_OPS, Action, Choice, Kept, Semantics, replay_peak
 from planner.core.costmodel import Roofline
 from planner.core.gpus import roofline_for
 from planner.core.graph import ProfiledGraph
 from planner.core.simulator import simulate
 
 MAX_SEGMENT_UNITS = 16
+FRONT_SHARES = (0.25, 0.5, 0.75)  # of a region's recompute time that its kept operator calls save
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,9 @@ def build_problem(
 
 def candidate_choices(graph: ProfiledGraph, max_segment_units: int, offload: bool = True) -> list[Choice]:
     """Offload each unit (if `offload`); recompute each run of up to `max_segment_units` units along
-    segment links, in full and keeping the outputs of its expensive operators that draw no random
-    numbers saved."""
+    segment links, in full and keeping saved the outputs of some of its operator calls (`kept_sets`)."""
     links = graph.segment_links()
+    written = {(b.owner, b.op, b.op_call) for b in graph.blocks if b.mutated}
     choices = []
     for u in range(len(graph.units)):
         if offload:
@@ -166,15 +167,39 @@ def candidate_choices(graph: ProfiledGraph, max_segment_units: int, offload: boo
         while True:
             units = tuple(range(u, end + 1))
             choices.append(Choice(Action.RECOMPUTE, units))
-            ops = [op for i in units for op in graph.units[i].ops]
-            # an operator whose outputs stay saved is not run again: a random one would shift the replay's draws
-            expensive = {op.name for op in ops if op.name in EXPENSIVE_OPS} - {op.name for op in ops if op.random}
-            if expensive:
-                choices.append(Choice(Action.RECOMPUTE, units, frozenset(expensive)))
+            choices.extend(Choice(Action.RECOMPUTE, units, kept) for kept in kept_sets(graph, units, written))
             if end + 1 - u >= max_segment_units or (end, end + 1) not in links or graph.units[end + 1].side_from >= u:
                 break
             end += 1
     return choices
+
+
+def kept_sets(graph: ProfiledGraph, units: tuple[int, ...], written: set[tuple[int, str, int]]) -> list[frozenset[Kept]]:
+    """Operator calls a region of `units` may keep saved: its expensive operators' calls; and in a region
+    of one unit, a few more points of its front of (bytes kept, recompute time saved), the calls whose
+    outputs autograd saved taken in order of time saved per byte they hold, until they save a quarter,
+    half and three quarters of all their time. A call that draws random numbers is never kept (the
+    replay would draw the rest from another place in the stream), nor one whose output is written later."""
+    calls = [
+        (op.ms / op.out_bytes, Kept(u, op.name, op.call), op.ms)
+        for u in units
+        for op in graph.units[u].ops
+        if op.saved_bytes and op.ms > 0 and not op.random and (u, op.name, op.call) not in written
+    ]
+    sets = {frozenset(k for _, k, _ in calls if k.op in EXPENSIVE_OPS)}
+    if len(units) > 1:
+        return [s for s in sets if s]
+    calls.sort(key=lambda c: -c[0])
+    total_ms, ms, prefix = sum(c[2] for c in calls), 0.0, []
+    shares = iter(FRONT_SHARES)
+    share = next(shares, None)
+    for _, kept, call_ms in calls:
+        prefix.append(kept)
+        ms += call_ms
+        while share is not None and ms >= share * total_ms:
+            sets.add(frozenset(prefix))
+            share = next(shares, None)
+    return [s for s in sets if s]
 
 
 def _rows(ticks: list[int], totals: list[int], options: list[Option]) -> tuple[Row, ...]:

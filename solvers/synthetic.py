@@ -33,12 +33,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from planner.core.actions import Action, Choice
+from planner.core.actions import Action, Choice, Kept
 from solvers.problem import MAX_SEGMENT_UNITS, Freed, Option, Problem, Row
 
 W = 6  # ticks per unit in each phase
 HOST_BYTES_PER_MS = 24e6  # PCIe-class copies, bytes per ms
-SAVE_OPS = frozenset({"aten.mm"})
 
 
 def training_step(
@@ -128,7 +127,7 @@ def _options_at(u: int, units: list[dict], fwd_end: np.ndarray, bwd_start: np.nd
             saved = _released(u, end, units, fwd_end, offload=False, save=True)
             ms_saved = ms - sum(units[i]["expensive_ms"] for i in region)
             options.append(
-                _option(Action.RECOMPUTE, region, saved, int(bwd_start[end]), allocated - kept, ms_saved, SAVE_OPS, held)
+                _option(Action.RECOMPUTE, region, saved, int(bwd_start[end]), allocated - kept, ms_saved, frozenset(Kept(i, "aten.mm") for i in region), held)
             )
         if end + 1 - u >= max_units or end + 1 >= n or units[end]["skip_after"]:
             return [o for o in options if o.freed]

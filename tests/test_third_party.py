@@ -13,8 +13,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import planner
+from planner.core.actions import Action, Choice, Kept
 from planner.core.graph import Category
-from planner.planning import BudgetExceeded, InfeasibleBudget
+from planner.core.plan import Plan, Status
+from planner.execution import ReplayFailed
+from planner.planning import BudgetExceeded, InfeasibleBudget, hold
 from planner.step import preserved
 from planner.tracking import StorageTracker, tensors_in
 
@@ -199,6 +202,34 @@ def test_replays_that_allocate_unseen_memory_are_caught_by_the_first_step(caplog
         planner.auto(model, x, int(0.6 * planner.simulate(graph).peak_bytes), optimizer=optimizer)
 
 
+def test_a_replay_that_runs_other_operators_is_named_and_planned_around(caplog):
+    """A selective checkpoint refuses a replay that runs operators its forward did not: the error names
+    the unit, and the first-step check plans again without recomputing it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(Block(64, leaks=i == 1) for i in range(4)))
+    x = torch.randn(512, 64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    graph = planner.profile(model, x, optimizer=optimizer)
+    plan = plan_of(graph, Choice(Action.RECOMPUTE, (1,), frozenset({Kept(1, "aten.addmm", 0)})))
+    with planner.apply(model, plan), pytest.raises(ReplayFailed, match="replay of 1#0"):
+        planner.measure(model, x, optimizer=optimizer, steps=0)
+    with caplog.at_level(logging.WARNING, logger="planner.planning"):
+        handle = hold(model, graph, plan, x, optimizer=optimizer)
+    assert "failed in the replay of 1#0" in caplog.text
+    assert handle.measured.peak_bytes <= plan.budget_bytes
+    assert all(1 not in c.units for c in handle.plan.choices if c.action is Action.RECOMPUTE)
+    handle.remove()
+
+
+def plan_of(graph, *choices):
+    """A plan of the given choices, its budget its predicted peak."""
+    sim = planner.simulate(graph, choices)
+    return Plan(model=graph.model, fingerprint=graph.fingerprint, units=tuple(u.key for u in graph.units),
+                choices=choices, budget_bytes=sim.peak_bytes, solver="by hand", status=Status.FEASIBLE, gap=0.0,
+                solve_s=0.0, predicted_peak_bytes=sim.peak_bytes, predicted_overhead_ms=sim.extra_ms,
+                step_ms=graph.step_ms, unplanned_peak_bytes=planner.simulate(graph).peak_bytes)
+
+
 def accumulating_step(model, micro_batches, optimizer, scaler):
     """A user's own step: gradients accumulated over micro-batches, the loss scaled by a GradScaler."""
 
@@ -271,3 +302,27 @@ def test_a_trainer_holds_its_budget_with_the_plan(tmp_path):
     before = sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in existing}.values())
     assert before + tracker.peak_bytes <= handle.plan.budget_bytes
     assert "forward" not in vars(model.transformer.h[0])  # the plan came off when training ended
+
+
+def test_a_region_keeps_saved_the_operator_calls_its_plan_names():
+    """A plan names operator calls (`aten.addmm#2`: a unit's third `addmm`), and a recomputed region
+    keeps those calls' outputs saved and no other call of the operator: as predicted, through the plan
+    file, and bit-identically."""
+    model, batch, optimizer = build("gpt2")
+    graph = planner.profile(model, batch, optimizer=optimizer)
+    blocks = tuple(u.index for u in graph.units if u.kind == "GPT2Block")[:2]
+    assert all(sum(op.name == "aten.addmm" for op in graph.units[u].ops) == 4 for u in blocks)
+    peaks = []
+    for call in (2, None):  # the MLP's first projection, or every projection
+        plan = plan_of(graph, Choice(Action.RECOMPUTE, blocks, frozenset(Kept(u, "aten.addmm", call) for u in blocks)))
+        assert Plan.from_dict(plan.to_dict()) == plan
+        with planner.apply(model, Plan.from_dict(plan.to_dict())):
+            measured = user_loop_peak(model, batch, optimizer)
+        assert abs(measured - plan.predicted_peak_bytes) <= 0.01 * measured
+        peaks.append(measured)
+    assert peaks[0] < peaks[1]  # the other three projections were recomputed
+
+    with planner.apply(model, plan):
+        planned = train(model, batch, optimizer, None)
+    reference, _, reference_optimizer = build("gpt2")
+    assert_identical(planned, train(reference, batch, reference_optimizer, None))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from planner.core.costmodel import Roofline
 from planner.core.graph import Block, Category, Phase, ProfiledGraph
@@ -45,13 +46,38 @@ class Action(str, Enum):
     OFFLOAD = "offload"
 
 
+class Kept(NamedTuple):
+    """Operator calls whose outputs a recomputed region keeps saved: in unit `unit`'s forward, the
+    call of operator `op` after `call` others of it (`Op.call`), or with `call` None every call."""
+
+    unit: int
+    op: str
+    call: int | None = None
+
+    def __str__(self) -> str:
+        """As in a plan file's unit entry: `aten.mm#2`, or `aten.mm` for every call."""
+        return self.op if self.call is None else f"{self.op}#{self.call}"
+
+    @classmethod
+    def parse(cls, unit: int, text: str) -> Kept:
+        op, _, call = text.partition("#") if isinstance(text, str) else ("", "", "")
+        if not op or (call and not call.isdigit()):
+            raise ValueError(f"expected an operator, or an operator and its call ('aten.mm#2'), got {text!r}")
+        return cls(unit, op, int(call) if call else None)
+
+
+def keeps(save_ops: frozenset[Kept], unit: int | None, op: str, call: int) -> bool:
+    """Whether `save_ops` keeps the outputs of that call of `op` in `unit`'s forward."""
+    return bool(save_ops) and ((unit, op, call) in save_ops or (unit, op, None) in save_ops)  # tuples: as Kept
+
+
 @dataclass(frozen=True)
 class Choice:
     """Recompute `units` (consecutive indices) as one region, or offload one unit."""
 
     action: Action
     units: tuple[int, ...]
-    save_ops: frozenset[str] = frozenset()  # recompute only: operators whose outputs stay saved
+    save_ops: frozenset[Kept] = frozenset()  # recompute only: operator calls whose outputs stay saved
 
 
 @dataclass(frozen=True)
@@ -142,15 +168,16 @@ class Semantics:
             return self._fwd_ends[i]
         return tick
 
-    def releasable(self, index: int, units: set[int], save_ops: frozenset[str] = frozenset()) -> bool:
-        """Whether block `index` can leave the device when `units` are recomputed or offloaded."""
+    def releasable(self, index: int, units: set[int]) -> bool:
+        """Whether block `index` can leave the device when `units` are recomputed or offloaded (and
+        the region keeps no operator output of it)."""
         b = self.graph.blocks[index]
-        return (
-            index in self._saved_activations
-            and b.owner in units
-            and b.savers | self._readers.get(index, set()) <= units
-            and b.op not in save_ops
-        )
+        return index in self._saved_activations and b.owner in units and b.savers | self._readers.get(index, set()) <= units
+
+    def _kept(self, owned: list[int], save_ops: frozenset[Kept]) -> set[int]:
+        """The blocks among `owned` that operator calls in `save_ops` made."""
+        blocks = self.graph.blocks
+        return {i for i in owned if keeps(save_ops, blocks[i].owner, blocks[i].op, blocks[i].op_call)} if save_ops else set()
 
     def effect(self, choice: Choice) -> Effect | None:
         """The choice's effect, or None when it frees nothing or cannot run.
@@ -161,8 +188,9 @@ class Semantics:
         into an object it was given (a replay would store them again).
         """
         units = set(choice.units)
-        first = self.graph.units[choice.units[0]]
-        if first.mutates_inputs or any(b.mutated and b.op in choice.save_ops for b in self._made_by(units)):
+        owned = self._owned(units)
+        kept = self._kept(owned, choice.save_ops)
+        if self.graph.units[choice.units[0]].mutates_inputs or any(self.graph.blocks[i].mutated for i in kept):
             return None
         if choice.action is Action.RECOMPUTE and not all(self.graph.units[u].replays_alike for u in units):
             return None
@@ -170,11 +198,10 @@ class Semantics:
         if not starts:
             return None
         back = min(starts) if choice.action is Action.RECOMPUTE else self._prefetch_tick(choice.units[0])
-        owned = self._owned(units)
         releases = tuple(
             Release(i, self.death(self.graph.blocks[i]), back)
             for i in owned
-            if self.releasable(i, units, choice.save_ops)
+            if i not in kept and self.releasable(i, units)
             and self.death(self.graph.blocks[i]) < back < self.graph.blocks[i].free
             and not (choice.action is Action.OFFLOAD and self.graph.blocks[i].unit_output)
         )
@@ -182,8 +209,8 @@ class Semantics:
             return None
         held: tuple[Release, ...] = ()
         if choice.action is Action.RECOMPUTE:
-            held = self._held(units, back, owned, choice.save_ops)
-            replay = self._replay(owned, {r.block for r in releases}, choice.save_ops, [h.block for h in held if h.in_replay])
+            held = self._held(units, back, kept)
+            replay = self._replay(owned, {r.block for r in releases}, kept, [h.block for h in held if h.in_replay])
             work_ms = sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
             modules = {self.graph.units[u].name: self.graph.units[u].buffer_bytes for u in units}
             snapshot = sum(modules.values())  # a module called twice in the region is copied once
@@ -195,7 +222,7 @@ class Semantics:
         host = sum(delta for _, delta in replay) if choice.action is Action.OFFLOAD else 0
         return Effect(releases, held, back, replay, extra_ms, snapshot, host)
 
-    def _held(self, units: set[int], back: int, owned: list[int], save_ops: frozenset[str]) -> tuple[Release, ...]:
+    def _held(self, units: set[int], back: int, kept: set[int]) -> tuple[Release, ...]:
         """Blocks the region's checkpoint keeps alive longer than the step without it: its inputs made
         outside it, until its backward is over; and the outputs of operators it keeps saved, which the
         selective checkpoint's cache holds from the first forward on, whoever else saved them.
@@ -210,18 +237,14 @@ class Semantics:
         inputs = {i for u in units for i in self.graph.units[u].inputs if blocks[i].owner not in units}
         until = max([back] + [self.graph.units[u].bwd_end or back for u in units])
         last_saved = max((self._last_saved.get(u, -1) for u in units), default=-1)
-        kept = [i for i in owned if blocks[i].op in save_ops and not blocks[i].scratch]
         ends = dict.fromkeys(inputs, (until, False))  # block -> (until when, whether its replay frees it)
-        for i in kept:
+        for i in (i for i in kept if not blocks[i].scratch):
             ends[i] = (back, True) if blocks[i].alloc <= last_saved else (until, False)
         return tuple(
             Release(i, blocks[i].free, end, in_replay)
             for i, (end, in_replay) in sorted(ends.items())
             if blocks[i].free is not None and blocks[i].free < end
         )
-
-    def _made_by(self, units: set[int]) -> list[Block]:
-        return [self.graph.blocks[i] for i in self._owned(units)]
 
     def _owned(self, units: set[int]) -> list[int]:
         """The blocks the forwards of `units` allocated, in order."""
@@ -235,7 +258,7 @@ class Semantics:
         return units[unit].bwd_start
 
     def _replay(
-        self, owned: list[int], released: set[int], save_ops: frozenset[str], taken: list[int] = ()
+        self, owned: list[int], released: set[int], kept: set[int], taken: list[int] = ()
     ) -> tuple[tuple[int, int], ...]:
         """The region's forward run again: its blocks allocated in order, all but the released ones freed.
 
@@ -245,7 +268,7 @@ class Semantics:
         end = max(self.graph.blocks[i].alloc for i in owned)
         for i in owned:
             b = self.graph.blocks[i]
-            if b.op in save_ops and i not in released:
+            if i in kept and i not in released:
                 continue  # kept from the first forward, not recomputed
             events.append((b.alloc, i, b.bytes))
             if i not in released:
@@ -258,9 +281,11 @@ class Semantics:
         events.sort(key=lambda e: (e[0], e[2] < 0))
         return tuple((i, delta) for _, i, delta in events)
 
-    def _recompute_ms(self, unit: int, save_ops: frozenset[str]) -> float:
+    def _recompute_ms(self, unit: int, save_ops: frozenset[Kept]) -> float:
         u = self.graph.units[unit]
-        return u.fwd_ms - sum(op.ms for op in u.ops if op.name in save_ops)
+        if not any(k.unit == unit for k in save_ops):
+            return u.fwd_ms
+        return u.fwd_ms - sum(op.ms for op in u.ops if keeps(save_ops, unit, op.name, op.call))
 
     def _offload_ms(self, unit: int, nbytes: int) -> float:
         """Copy time not hidden by compute: the copy out by the rest of the forward, the copy back

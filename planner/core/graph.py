@@ -59,6 +59,7 @@ class Op:
     saved_bytes: int
     bytes_moved: int = 0  # bytes its inputs and outputs span: its memory traffic
     random: bool = False  # draws random numbers (dropout inside fused attention)
+    call: int = 0  # how many calls of the same operator came before it in the unit's forward
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class Block:
     savers: frozenset[int] = frozenset()
     last_use: int | None = None
     op: str = ""  # the operator that allocated it
+    op_call: int = 0  # that operator's call in the owner's forward (`Op.call`)
     mutated: bool = False  # written in place after it was made
     unit_output: bool = False  # returned by the unit that made it
     in_state: bool = False  # stored into an object a unit was given (a key/value cache): no plan frees it

@@ -15,10 +15,13 @@ Plain data, no torch. `to_dict` / `from_dict` give the plan file's content:
       - {unit: "wte#0", action: keep}
       - {unit: "blocks.0#0", action: recompute, region: 0}
       - {unit: "blocks.1#0", action: recompute, region: 0}
-      - {unit: "blocks.2#0", action: recompute, region: 1, save_ops: [aten.mm]}
-      - {unit: "blocks.3#0", action: offload}
+      - {unit: "blocks.2#0", action: recompute, region: 1, save_ops: ["aten.mm#0", "aten.addmm#2"]}
+      - {unit: "blocks.3#0", action: recompute, region: 2, save_ops: [aten.mm]}
+      - {unit: "blocks.4#0", action: offload}
 
-Consecutive units with the same `region` are recomputed together.
+Consecutive units with the same `region` are recomputed together. `save_ops` are the operator calls
+in the unit's forward whose outputs the region keeps saved: `aten.mm#2` is its third call of
+`aten.mm`, and an operator without a call number means every call of it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from planner.core.actions import Action, Choice
+from planner.core.actions import Action, Choice, Kept
 
 
 class Status(str, Enum):
@@ -64,14 +67,14 @@ class Plan:
     def overhead_pct(self) -> float:
         return 100.0 * self.predicted_overhead_ms / self.step_ms if self.step_ms else 0.0
 
-    def decisions(self) -> list[tuple[str, Action, int | None, frozenset[str]]]:
-        """Per unit: key, action, region number (recompute only) and operators kept saved."""
-        by_unit: dict[int, tuple[Action, int | None, frozenset[str]]] = {}
+    def decisions(self) -> list[tuple[str, Action, int | None, frozenset[Kept]]]:
+        """Per unit: key, action, region number (recompute only) and its operator calls kept saved."""
+        by_unit: dict[int, tuple[Action, int | None, frozenset[Kept]]] = {}
         region = 0
         for choice in self.choices:
             for u in choice.units:
                 number = region if choice.action is Action.RECOMPUTE else None
-                by_unit[u] = (choice.action, number, choice.save_ops)
+                by_unit[u] = (choice.action, number, frozenset(k for k in choice.save_ops if k.unit == u))
             region += choice.action is Action.RECOMPUTE
         keep = (Action.KEEP, None, frozenset())
         return [(key, *by_unit.get(i, keep)) for i, key in enumerate(self.units)]
@@ -83,7 +86,7 @@ class Plan:
             if region is not None:
                 entry["region"] = region
             if save_ops:
-                entry["save_ops"] = sorted(save_ops)
+                entry["save_ops"] = sorted(str(k) for k in save_ops)
             units.append(entry)
         return {
             "model": self.model,
@@ -164,16 +167,24 @@ def _read_units(entries: list, source: str) -> tuple[tuple[str, ...], tuple[Choi
         entry = _Fields(raw, f"{source}: units[{i}]")
         keys.append(entry.get("unit", str))
         action = _enum(Action, entry.get("action", str), f"{source}: units[{i}].action")
-        save_ops = frozenset(entry.data.get("save_ops", []))
+        save_ops = _save_ops(entry, i) if "save_ops" in entry.data else frozenset()
         if action is Action.OFFLOAD:
             choices.append(Choice(action, (i,)))
         if action is Action.RECOMPUTE:
             region = entry.get("region", int)
-            if region == region_of_last and choices[-1].save_ops == save_ops:
-                choices[-1] = Choice(action, (*choices[-1].units, i), save_ops)
+            if region == region_of_last:
+                choices[-1] = Choice(action, (*choices[-1].units, i), choices[-1].save_ops | save_ops)
             else:
                 choices.append(Choice(action, (i,), save_ops))
             region_of_last = region
         else:
             region_of_last = None
     return tuple(keys), tuple(choices)
+
+
+def _save_ops(entry: _Fields, unit: int) -> frozenset[Kept]:
+    names = entry.get("save_ops", list)
+    try:
+        return frozenset(Kept.parse(unit, name) for name in names)
+    except ValueError as err:
+        raise ValueError(f"{entry.source}: field 'save_ops': {err}") from None

@@ -69,7 +69,7 @@ class Handle:
         self.calls: dict[str, int] = {}
         self.forwards = 0  # forwards with gradients so far: a step has plan.forwards of them
         self.depth = 0  # unit calls in flight: calls inside them run as they are
-        self.regions = Regions(self._nested)
+        self.regions = Regions(self._nested, plan.units)
         self.offload = Offloader()
         self.seen: set[tuple[str, int]] = set()
         self.measured = None

@@ -21,8 +21,18 @@ from typing import Any
 import torch
 from torch.utils import checkpoint as ckpt
 
-from planner.core.actions import Choice
+from planner.core.actions import Choice, keeps
 from planner.torch_internals import checkpoint_generator, outside_checkpoint_modes, tree_flatten, tree_unflatten
+
+
+class ReplayFailed(RuntimeError):
+    """A region's replay did not do what its forward did (it raised, or ran other operators than the
+    forward, which a selective checkpoint refuses): its units' forwards depend on state that backward
+    changes. `units` are their indices."""
+
+    def __init__(self, message: str, units: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.units = units
 
 
 @dataclass
@@ -45,17 +55,20 @@ class _Region:
     calls: list[_Call] = field(default_factory=list)
     last_outputs: dict[int, int] = field(default_factory=dict)  # id of a leaf of the last output -> position
     generator: Iterator | None = None
+    position: int = 0  # of the unit call running now, in the region's forward or in its replay
 
 
 class Regions:
     """The recompute regions of a plan as they run: at most one is open at a time.
 
-    `nested()` is a context in which the unit calls a replay makes run as they are; `watch`, when
+    `nested()` is a context in which the unit calls a replay makes run as they are, `keys` the plan's
+    unit keys; `watch`, when
     set, is told when a replay starts (with its choice) and ends (with None).
     """
 
-    def __init__(self, nested: Callable[[], contextlib.AbstractContextManager]) -> None:
+    def __init__(self, nested: Callable[[], contextlib.AbstractContextManager], keys: tuple[str, ...]) -> None:
         self.nested = nested
+        self.keys = keys  # of the plan's units, for messages
         self.open: _Region | None = None
         self.watch: Callable[[Choice | None], None] | None = None
 
@@ -64,12 +77,13 @@ class Regions:
         module buffers from `buffers()`), the last closes it."""
         if position == 0:
             self.open = _Region(choice, buffers())
-            self.open.generator = checkpoint_generator(functools.partial(self._replay, self.open), _context_fn(choice), *args, **kwargs)
+            self.open.generator = checkpoint_generator(functools.partial(self._replay, self.open), _context_fn(self.open), *args, **kwargs)
             next(self.open.generator)
         region = self.open
         leaves, spec = tree_flatten((args, kwargs))
         links = [region.last_outputs.get(id(leaf)) for leaf in leaves]
         region.calls.append(_Call(forward, [None if link is not None else leaf for leaf, link in zip(leaves, links)], spec, links))
+        region.position = position
         try:
             output = forward(*args, **kwargs)
         except BaseException:
@@ -93,13 +107,14 @@ class Regions:
         if self.watch is not None:
             self.watch(region.choice)
         try:
-            with self.nested():
-                output = region.calls[0].forward(*args, **kwargs)
-                for call in region.calls[1:]:
-                    previous = tree_flatten(output)[0]
-                    leaves = [previous[link] if link is not None else leaf for leaf, link in zip(call.leaves, call.links)]
-                    call_args, call_kwargs = tree_unflatten(leaves, call.spec)
-                    output = call.forward(*call_args, **call_kwargs)
+            self._run_calls(region, args, kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as err:  # not the checkpoint's own signal that the replay may stop early
+            units = ", ".join(self.keys[u] for u in region.choice.units)
+            raise ReplayFailed(
+                f"the replay of {units} in backward failed where its forward had run ({err}): it depends on state "
+                "that backward changes; make a plan that does not recompute it", region.choice.units) from err
         finally:
             if self.watch is not None:
                 self.watch(None)
@@ -110,15 +125,33 @@ class Regions:
                     # (batch norm saves its running statistics)
                     buffer.data.copy_(value)
 
+    def _run_calls(self, region: _Region, args: tuple, kwargs: dict) -> None:
+        """The region's unit calls again, each fed the outputs of the one before."""
+        with self.nested():
+            region.position = 0
+            output = region.calls[0].forward(*args, **kwargs)
+            for region.position, call in enumerate(region.calls[1:], 1):
+                previous = tree_flatten(output)[0]
+                leaves = [previous[link] if link is not None else leaf for leaf, link in zip(call.leaves, call.links)]
+                call_args, call_kwargs = tree_unflatten(leaves, call.spec)
+                output = call.forward(*call_args, **call_kwargs)
 
-def _context_fn(choice: Choice):
-    """No policy, or a selective-checkpoint policy keeping the outputs of `choice.save_ops` saved."""
+
+def _context_fn(region: _Region):
+    """No policy, or a selective-checkpoint policy keeping the outputs of the region's `save_ops` saved.
+
+    It tells an operator call by its unit's position in the region and the calls of the same operator
+    before it in that unit's forward, counted apart in the forward and in the replay, which run the
+    same calls in the same order."""
+    choice = region.choice
     if not choice.save_ops:
         return ckpt.noop_context_fn
-    save_ops = choice.save_ops
+    calls: dict[tuple[bool, int, str], int] = {}  # (in the replay, unit position, operator) -> calls so far
 
     def policy(ctx, func, *args, **kwargs):
-        if str(func.overloadpacket) in save_ops:
+        key = (ctx.is_recompute, region.position, str(func.overloadpacket))
+        call = calls[key] = calls.get(key, -1) + 1
+        if keeps(choice.save_ops, choice.units[region.position], key[2], call):
             return ckpt.CheckpointPolicy.MUST_SAVE
         return ckpt.CheckpointPolicy.PREFER_RECOMPUTE
 

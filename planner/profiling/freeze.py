@@ -45,6 +45,7 @@ def freeze(
                 savers=frozenset(b.savers),
                 last_use=b.last_use,
                 op=b.op,
+                op_call=b.op_call,
                 mutated=b.mutated,
                 unit_output=b.unit_output,
                 in_state=b.in_state,
@@ -80,7 +81,7 @@ def _freeze_unit(index: int, u: RecordedUnit, blocks: list[RecordedBlock], block
     saved = sum(b.bytes for b in blocks if b.owner == index and b.phase is Phase.FORWARD and b.savers)
     ops = tuple(
         Op(o.name, o.flops, o.ms, sum(b.bytes for b in o.blocks), sum(b.bytes for b in o.blocks if b.savers),
-           o.bytes_moved, o.random)
+           o.bytes_moved, o.random, o.call)
         for o in u.ops
     )
     return Unit(

@@ -38,6 +38,7 @@ class RecordedBlock:
     sources: frozenset[int] = frozenset()  # units whose outputs this storage was computed from
     last_use: int | None = None
     op: str = ""
+    op_call: int = 0
     mutated: bool = False  # written in place after it was made
     unit_output: bool = False  # returned by the unit that made it
     in_state: bool = False  # stored by a unit into an object it was given (a key/value cache)
@@ -52,6 +53,7 @@ class RecordedOp:
     ms: float
     blocks: list[RecordedBlock]
     random: bool
+    call: int
 
 
 @dataclass
@@ -71,6 +73,7 @@ class RecordedUnit:
     bwd_bytes: int = 0
     preds: set[int] = field(default_factory=set)
     ops: list[RecordedOp] = field(default_factory=list)
+    op_calls: dict[str, int] = field(default_factory=dict)  # operator -> its calls in the forward so far
     direct_from: int | None = None
     side_from: int = -1
     mutates_inputs: bool = False
@@ -197,16 +200,20 @@ class Recorder(StorageTracker):
             ms = costmodel.REFERENCE.op_ms(flops, moved)
         unit = self.units[self.current] if self.current is not None else None
         if self.phase is Phase.FORWARD:
+            call = 0
+            if unit is not None:
+                call = unit.op_calls.get(self.op_name, 0)
+                unit.op_calls[self.op_name] = call + 1
             # an operator's outputs that share an input's storage wrote into it, unless it is a view
             written = set() if func.is_view else {storage_key(t) for t in outs} & inputs
-            self._trace_forward(inputs, new, written)
+            self._trace_forward(inputs, new, written, call)
             if unit is not None:
                 random = _draws_random(func, args, kwargs)
                 # cuDNN's RNN dropout draws from cuDNN's own state, which no checkpoint saves and restores
                 unit.replayable &= not (random and func.overloadpacket is torch.ops.aten._cudnn_rnn)
                 unit.fwd_ms += ms
                 unit.fwd_flops += flops
-                unit.ops.append(RecordedOp(self.op_name, flops, moved, ms, [self.open[k] for k in new], random))
+                unit.ops.append(RecordedOp(self.op_name, flops, moved, ms, [self.open[k] for k in new], random, call))
                 return
         elif self.phase is Phase.BACKWARD:
             # estimated times are the same for the same call: no signature needed
@@ -224,8 +231,9 @@ class Recorder(StorageTracker):
         self.other_flops += flops
         self.other_bytes += moved
 
-    def _trace_forward(self, inputs: set[int], new: list[int], written: set[int]) -> None:
-        """Last uses, and which units each new or overwritten storage was computed from."""
+    def _trace_forward(self, inputs: set[int], new: list[int], written: set[int], call: int) -> None:
+        """Last uses, which units each new or overwritten storage was computed from, and which call of
+        which operator made each new one."""
         read = [self.open[k] for k in inputs if k in self.open]
         for block in read:
             block.last_use = self.tick
@@ -239,6 +247,7 @@ class Recorder(StorageTracker):
         for key in new:
             self.open[key].sources = sources
             self.open[key].op = self.op_name
+            self.open[key].op_call = call
         for key in written & self.open.keys():  # an in-place result now holds what was computed here
             block = self.open[key]
             block.sources = sources
