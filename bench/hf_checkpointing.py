@@ -1,6 +1,7 @@
 """The planner against Hugging Face's own activation checkpointing, measured side by side on the CPU.
 
-    python -m bench.hf_checkpointing                  # GPT-2 6x256 and LLaMA 4x256 (writes bench/hf_checkpointing.json)
+    python -m bench.hf_checkpointing                  # GPT-2 6x256 and LLaMA 4x256 (writes bench/hf_checkpointing.json
+                                                      # and bench/tradeoff_hf_gpt2.png, tradeoff_hf_llama.png)
     python -m bench.hf_checkpointing --models gpt2 --steps 5
 
 Per model (random weights from a config, AdamW), in one process: no checkpointing; Hugging Face's
@@ -259,6 +260,29 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: Path) -> None:
+    """Step time against measured peak: a point per method, the planner's points joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    rows = [r for r in result["rows"] if "peak_bytes" in r]
+    planned = sorted((r["peak_bytes"] / 2**20, r["step_ratio"]) for r in rows if r["method"].startswith("planner"))
+    ax.plot(*zip(*planned), marker="o", color="black", label="planner (no units named)")
+    for marker, r in zip("s^vD<>pXh*", (r for r in rows if not r["method"].startswith("planner"))):
+        ax.plot(r["peak_bytes"] / 2**20, r.get("step_ratio", 1.0), marker=marker, linestyle="none", label=r["method"])
+    ax.set_xlabel("measured peak (MiB, live storages)")
+    ax.set_ylabel("step time relative to no checkpointing")
+    ax.set_title(f"{result['model']}: overhead against peak")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -280,7 +304,9 @@ def main() -> None:
             results.append(result)
             print(table([result]), flush=True)
     args.out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.out}")
+    for result in results:
+        plot(result, args.out.with_name(f"tradeoff_hf_{result['model']}.png"))
+    print(f"wrote {args.out} and tradeoff_hf_*.png beside it")
 
 
 if __name__ == "__main__":

@@ -218,7 +218,7 @@ class Semantics:
             replay = tuple((r.block, self.graph.blocks[r.block].bytes) for r in releases)
             work_ms = self._offload_ms(choice.units[0], sum(delta for _, delta in replay))
             snapshot = 0
-        extra_ms = self._fixed_ms(choice.action, len(releases)) + work_ms
+        extra_ms = self._fixed_ms(choice, len(releases)) + work_ms
         host = sum(delta for _, delta in replay) if choice.action is Action.OFFLOAD else 0
         return Effect(releases, held, back, replay, extra_ms, snapshot, host)
 
@@ -296,14 +296,15 @@ class Semantics:
         nxt = self.graph.units[unit + 1] if unit + 1 < len(self.graph.units) else None
         return max(0.0, copy - self._later_fwd_ms[unit]) + max(0.0, copy - (nxt.bwd_ms if nxt else 0.0))
 
-    def _fixed_ms(self, action: Action, storages: int) -> float:
+    def _fixed_ms(self, choice: Choice, storages: int) -> float:
         """The executor's own cost of a choice that frees `storages` storages (measured per device)."""
         m = self.roofline.mechanism
         if m is None:
             return 0.0
-        if action is Action.RECOMPUTE:
-            return m.region_ms + m.region_storage_ms * storages
-        return m.offload_ms + m.offload_storage_ms * storages
+        if choice.action is Action.OFFLOAD:
+            return m.offload_ms + m.offload_storage_ms * storages
+        policy = m.selective_op_ms * sum(len(self.graph.units[u].ops) for u in choice.units) if choice.save_ops else 0.0
+        return m.region_ms + m.region_storage_ms * storages + policy
 
 
 def replay_peak(effect: Effect) -> int:
