@@ -1,7 +1,7 @@
 """The planner against Hugging Face's own activation checkpointing, measured side by side on the CPU.
 
     python -m bench.hf_checkpointing                  # GPT-2 6x256 and LLaMA 4x256 (writes bench/hf_checkpointing.json
-                                                      # and bench/tradeoff_hf_gpt2.png, tradeoff_hf_llama.png)
+                                                      # and bench/tradeoff_hf_checkpointing_{gpt2,llama}.png)
     python -m bench.hf_checkpointing --models gpt2 --steps 5
 
 Per model (random weights from a config, AdamW), in one process: no checkpointing; Hugging Face's
@@ -9,7 +9,8 @@ checkpointing of every layer and of every second and third layer (`every_n_layer
 selective checkpointing with a fixed save list, through Hugging Face's checkpointing and PyTorch's
 selective-checkpoint policies: every matmul's output saved, or torchtitan's list (matmuls and
 attention kernels saved, but every second matmul recomputed); the planner (`planner.auto`, no units
-named) at each of their measured peaks, and at fixed memory + 50% of the activations. Each method is measured on the loop as a user writes it (`loss = model(**batch).loss;
+named) at each of their measured peaks, a quarter of the way from the peak of checkpointing every
+layer to the unplanned peak, and at fixed memory + 50% of the activations. Each method is measured on the loop as a user writes it (`loss = model(**batch).loss;
 loss.backward(); optimizer.step(); optimizer.zero_grad()`): its peak by live storages, and its step
 time as the median of --steps steps, each after a step of no checkpointing, over the median of
 those, in a process where the C library keeps the memory it is given back (`KEEP_FREED`, as CUDA's
@@ -176,6 +177,8 @@ def measure(name: str, steps: int) -> dict:
         rows.append({"method": method.name, "peak_bytes": peak_bytes(model, batch, optimizer)[0]})
         method.off()
         budgets.append((rows[-1]["peak_bytes"], f"{method.name}'s peak"))
+    every_layer = budgets[0][0]
+    budgets.append((int(every_layer + 0.25 * (unplanned - every_layer)), "a quarter of the way from every layer's peak"))
     budgets.append((int(fixed + 0.5 * (unplanned - fixed)), "fixed + 50% of activations"))
     for budget, label in budgets:
         try:
@@ -247,16 +250,19 @@ def hwm_of(path: Path, method_name: str) -> int:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | method | peak MiB (live / high-water) | predicted MiB | step time × | plan |", "|---|---|---|---|---|---|"]
+    lines = ["| model | method | peak MiB (live / high-water) | predicted MiB | overhead predicted / measured | plan |",
+             "|---|---|---|---|---|---|"]
     for result in results:
         for row in result["rows"]:
             mib = lambda key: f"{row[key] / 2**20:.1f}" if row.get(key) is not None else "—"  # noqa: E731
             if "refused" in row:
-                lines.append(f"| {result['model']} | {row['method']} | refused | | | {row['refused'][:120]} |")
+                lines.append(f"| {result['model']} | {row['method']} ({mib('budget_bytes')} MiB) | refused | | | "
+                             f"{row['refused'][:120]} |")
                 continue
-            ratio = f"{row['step_ratio']:.2f}" if "step_ratio" in row else "1.00"
+            predicted = f"{100 * row['predicted_overhead']:+.0f}%" if "predicted_overhead" in row else "—"
+            overhead = f"{predicted} / {100 * (row['step_ratio'] - 1):+.0f}%" if "step_ratio" in row else "—"
             lines.append(f"| {result['model']} | {row['method']} | {mib('peak_bytes')} / {mib('hwm_bytes')} | "
-                         f"{mib('predicted_bytes')} | {ratio} | {row.get('plan', '')} |")
+                         f"{mib('predicted_bytes')} | {overhead} | {row.get('plan', '')} |")
     return "\n".join(lines)
 
 
@@ -305,8 +311,8 @@ def main() -> None:
             print(table([result]), flush=True)
     args.out.write_text(json.dumps(results, indent=1))
     for result in results:
-        plot(result, args.out.with_name(f"tradeoff_hf_{result['model']}.png"))
-    print(f"wrote {args.out} and tradeoff_hf_*.png beside it")
+        plot(result, args.out.with_name(f"tradeoff_hf_checkpointing_{result['model']}.png"))
+    print(f"wrote {args.out} and tradeoff_hf_checkpointing_*.png beside it")
 
 
 if __name__ == "__main__":
