@@ -5,7 +5,8 @@
     python -m bench.baselines --scenarios gpt,vgg --out bench/RESULTS.md
 
 Per scenario (small variant), in one process: no checkpointing (the reference), torch.utils.checkpoint
-around every unit, checkpoint_sequential in sqrt(n) segments where the model (or its main
+around every unit (in full, and selective with a fixed save list: every matmul's output, or
+torchtitan's list), checkpoint_sequential in sqrt(n) segments where the model (or its main
 nn.Sequential body) is sequential, the planner's "all" and "sqrt" baselines, and the planner's ilp,
 greedy and dp (chains only) solvers at budgets from 100% of the unplanned peak down to the smallest
 feasible peak + 2%. torch.compile with activation_memory_budget runs in a subprocess (see
@@ -34,6 +35,7 @@ from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import planner
 from bench import baselines_compile_runner, baselines_report
+from bench.selective import SELECTIVE, selective
 from planner.planning import InfeasibleBudget
 from planner.scenario import list_scenarios, load_scenario
 from planner.step import timed_ms
@@ -63,8 +65,9 @@ class Row:
 
 
 @contextmanager
-def checkpoint_every_unit(model: nn.Module, graph) -> Iterator[None]:
-    """torch.utils.checkpoint around each unit's module (outermost ones, not in-place ones).
+def checkpoint_every_unit(model: nn.Module, graph, kind: str | None = None) -> Iterator[None]:
+    """torch.utils.checkpoint around each unit's module (outermost ones, not in-place ones), selective
+    with a fixed save list of `bench.selective` where `kind` names one.
 
     In-place activations (`inplace=True`) are switched off meanwhile, as checkpointing's docs advise:
     an in-place op on a checkpointed region's input breaks its recomputation.
@@ -73,7 +76,7 @@ def checkpoint_every_unit(model: nn.Module, graph) -> Iterator[None]:
     names = {n for n in names if not any(n.startswith(o + ".") for o in names)}
     modules = dict(model.named_modules())
     for n in names:
-        modules[n].forward = _checkpointed(modules[n].forward)
+        modules[n].forward = _checkpointed(modules[n].forward, kind)
     try:
         with no_inplace(model):
             yield
@@ -95,9 +98,11 @@ def no_inplace(model: nn.Module) -> Iterator[None]:
             m.inplace = True
 
 
-def _checkpointed(orig):
+def _checkpointed(orig, kind: str | None = None):
+    context = {"context_fn": selective(kind)} if kind else {}
+
     def forward(*args, **kwargs):
-        return checkpoint(orig, *args, use_reentrant=False, **kwargs)
+        return checkpoint(orig, *args, use_reentrant=False, **context, **kwargs)
 
     return forward
 
@@ -184,6 +189,10 @@ def run_scenario(name: str, quick: bool, compile_note: str, log) -> dict:
     rows = [Row("no checkpointing", None, ref.peak_bytes, 1.0, s.unplanned_bytes, 0.0, SAME_AS_REFERENCE)]
     rows.append(s.measured_row("checkpoint every unit", lambda: checkpoint_every_unit(s.work.model, s.graph),
                                "inplace activations off"))
+    for kind in SELECTIVE:
+        rows.append(s.measured_row(f"checkpoint every unit, selective: {kind}",
+                                   lambda kind=kind: checkpoint_every_unit(s.work.model, s.graph, kind),
+                                   "inplace activations off"))
     body = sequential_body(s.work.model)
     if body is None:
         rows.append(Row("checkpoint_sequential sqrt(n)", None, None, None, note="n/a (not sequential)"))

@@ -36,9 +36,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils import checkpoint as ckpt
-
 import planner
+from bench.selective import SELECTIVE, selective
 from planner.core.graph import Category
 from planner.measurement import high_water_mark
 from planner.step import preserved
@@ -101,37 +100,6 @@ def peak_bytes(model, batch, optimizer) -> tuple[int, int | None]:
             user_step(model, batch, optimizer)
         tracker.stop_tracking()
     return before + tracker.peak_bytes, None if rise() is None else before + rise()
-
-
-MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-ATTENTION = {
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-}
-SELECTIVE = ("every matmul", "torchtitan's list")
-
-
-def selective(kind: str):
-    """A context function for `torch.utils.checkpoint`: a fresh selective-checkpoint policy per
-    checkpointed call, saving every matmul's output, or the attention kernels' and every second
-    matmul's (counted apart in the forward and in its recomputation)."""
-
-    def context_fn():
-        matmuls = {False: 0, True: 0}
-
-        def policy(ctx, func, *args, **kwargs):
-            if func in MATMULS:
-                matmuls[ctx.is_recompute] += 1
-                keep = kind == "every matmul" or matmuls[ctx.is_recompute] % 2 == 1
-            else:
-                keep = kind != "every matmul" and func in ATTENTION
-            return ckpt.CheckpointPolicy.MUST_SAVE if keep else ckpt.CheckpointPolicy.PREFER_RECOMPUTE
-
-        return ckpt.create_selective_checkpoint_contexts(policy)
-
-    return context_fn
 
 
 def hf_checkpointing(model, every: int | None, kind: str | None = None) -> None:

@@ -213,9 +213,9 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
     The step's peak (live storages on a CPU, what the allocator reserves on CUDA) is compared with
     the plan's budget. Where it is over, or a replay fails where its forward ran (`ReplayFailed`), a
     step with every unit recomputed on its own finds the units whose replays leave memory behind, and
-    the plan is made again (`plan(graph, budget,
-    **solve)`) without recomputing them, or, if there are none, with the excess kept free (a warning
-    says so), up to MAX_REPLANS times; then BudgetExceeded. `step_args` are the step's `loss_fn`,
+    the plan is made again (`plan(graph, budget, **solve)`) without recomputing those or the failed
+    ones, or, if there are none, with the excess kept free (a warning says so), up to MAX_REPLANS
+    times; then BudgetExceeded. `step_args` are the step's `loss_fn`,
     `optimizer`, `step` and `autocast_dtype`, as `profile` takes them. Collective under
     torch.distributed.
     """
@@ -233,8 +233,10 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
         with apply(model, plan_ranks(graph, 2 * chosen.unplanned_peak_bytes, solver="all", offload=False)) as probe:
             left = agreed_union(replays_left_behind(probe, example_batch, **step_args))
         if left or failed:
-            why = " and ".join([f"replays of {_keys(graph, left)} left memory behind"] * bool(left)
-                               + [f"replays of {_keys(graph, failed)} did not do what their forward did"] * bool(failed))
+            reasons = [f"replays of {_keys(graph, left)} left memory behind"] if left else []
+            if failed:
+                reasons.append(f"replays of {_keys(graph, failed)} did not do what their forward did")
+            why = " and ".join(reasons)
             log.warning("%s: %s, so they are not recomputed; planning again", over, why)
             graph = replace(graph, units=tuple(replace(u, replayable=False) if u.index in left | failed else u
                                                for u in graph.units))

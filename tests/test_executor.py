@@ -16,6 +16,7 @@ from torch import nn
 
 import planner
 from planner.core.actions import Action, Choice, Semantics
+from planner.core.plan import Plan
 from planner.core.gpus import roofline_for
 from planner.execution import PlanMismatch
 from planner.core.sizes import parse_budget
@@ -236,6 +237,10 @@ def test_plan_file_round_trip(tmp_path):
     path.write_text(path.read_text().replace("status:", "stat:"))
     with pytest.raises(ValueError, match="missing field 'status'"):
         planner.load_plan(path)
+    data = plan.to_dict()
+    data["units"][0] |= {"action": "recompute", "region": 0, "save_ops": ["aten.mm#first"]}
+    with pytest.raises(ValueError, match=r"units\[0\]: field 'save_ops': .*'aten.mm#first'"):
+        Plan.from_dict(data)
 
 
 def test_replays_leave_batch_norm_statistics_and_count_their_copy():

@@ -17,6 +17,7 @@ unit comes back one unit ahead of its backward (prefetch).
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
@@ -60,10 +61,10 @@ class Kept(NamedTuple):
 
     @classmethod
     def parse(cls, unit: int, text: str) -> Kept:
-        op, _, call = text.partition("#") if isinstance(text, str) else ("", "", "")
-        if not op or (call and not call.isdigit()):
+        match = re.fullmatch(r"([^#]+)(?:#(\d+))?", text) if isinstance(text, str) else None
+        if match is None:
             raise ValueError(f"expected an operator, or an operator and its call ('aten.mm#2'), got {text!r}")
-        return cls(unit, op, int(call) if call else None)
+        return cls(unit, match[1], None if match[2] is None else int(match[2]))
 
 
 def keeps(save_ops: frozenset[Kept], unit: int | None, op: str, call: int) -> bool:

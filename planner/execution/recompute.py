@@ -62,8 +62,7 @@ class Regions:
     """The recompute regions of a plan as they run: at most one is open at a time.
 
     `nested()` is a context in which the unit calls a replay makes run as they are, `keys` the plan's
-    unit keys; `watch`, when
-    set, is told when a replay starts (with its choice) and ends (with None).
+    unit keys; `watch`, when set, is told when a replay starts (with its choice) and ends (with None).
     """
 
     def __init__(self, nested: Callable[[], contextlib.AbstractContextManager], keys: tuple[str, ...]) -> None:
