@@ -26,6 +26,8 @@ from planner.core.simulator import simulate
 from planner.step import Batch, train_step
 from solvers import build_problem
 from solvers.ilp import min_peak
+from solvers.problem import kept_sets
+from tests.plans import plan_of
 
 ZOO = [name for name in list_scenarios() if name != "gpt7b" and not load_scenario(name).model.startswith("transformers:")]
 
@@ -227,6 +229,27 @@ def test_keyword_and_non_tensor_arguments_and_a_module_called_twice():
         return [p.grad for p in m.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(grads(twin), grads(model, plan)))
+
+
+@pytest.mark.parametrize("name", ["gpt", "resnet"])  # dropout; batch norm
+def test_regions_keeping_operator_calls_are_bit_identical_and_as_predicted(name):
+    """Every unit recomputed on its own, keeping the operator calls of the middle point of its front."""
+    w, graph = profiled(name)
+    written = {(b.owner, b.op, b.op_call) for b in graph.blocks if b.mutated}
+    semantics = Semantics(graph, roofline_for(graph))
+    choices = []
+    for u in range(len(graph.units)):
+        sets = sorted(kept_sets(graph, (u,), written), key=lambda s: (len(s), sorted(s)))
+        if sets and semantics.effect(Choice(Action.RECOMPUTE, (u,), sets[len(sets) // 2])) is not None:
+            choices.append(Choice(Action.RECOMPUTE, (u,), sets[len(sets) // 2]))
+    assert len(choices) > 2 and any(k.call for c in choices for k in c.save_ops)  # some unit's later call kept
+    plan = plan_of(graph, *choices)
+    with planner.apply(w.model, plan):
+        measured = planner.measure(
+            w.model, w.batch, loss_fn=w.loss_closure(), optimizer=w.optimizer, autocast_dtype=w.autocast_dtype, steps=1
+        ).peak_bytes
+    assert abs(measured - plan.predicted_peak_bytes) <= 0.02 * measured
+    assert_identical(train(load_scenario(name).build(), 3), train(w, 3, plan))
 
 
 def test_plan_file_round_trip(tmp_path):

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 import planner
 from planner.core.actions import Action, Choice, Kept
 from planner.core.graph import Category
-from planner.core.plan import Plan, Status
+from planner.core.plan import Plan
 from planner.execution import ReplayFailed
 from planner.planning import BudgetExceeded, InfeasibleBudget, hold
 from planner.step import preserved
@@ -23,6 +23,7 @@ from planner.tracking import StorageTracker, tensors_in
 
 pytest.importorskip("transformers")
 
+from tests.plans import plan_of  # noqa: E402
 from tests.third_party import LOSSES, MODELS  # noqa: E402
 
 
@@ -219,15 +220,6 @@ def test_a_replay_that_runs_other_operators_is_named_and_planned_around(caplog):
     assert handle.measured.peak_bytes <= plan.budget_bytes
     assert all(1 not in c.units for c in handle.plan.choices if c.action is Action.RECOMPUTE)
     handle.remove()
-
-
-def plan_of(graph, *choices):
-    """A plan of the given choices, its budget its predicted peak."""
-    sim = planner.simulate(graph, choices)
-    return Plan(model=graph.model, fingerprint=graph.fingerprint, units=tuple(u.key for u in graph.units),
-                choices=choices, budget_bytes=sim.peak_bytes, solver="by hand", status=Status.FEASIBLE, gap=0.0,
-                solve_s=0.0, predicted_peak_bytes=sim.peak_bytes, predicted_overhead_ms=sim.extra_ms,
-                step_ms=graph.step_ms, unplanned_peak_bytes=planner.simulate(graph).peak_bytes)
 
 
 def accumulating_step(model, micro_batches, optimizer, scaler):
