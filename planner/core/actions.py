@@ -133,15 +133,29 @@ class Semantics:
             for i in u.inputs:
                 self._readers.setdefault(i, set()).add(u.index)
         self._made: dict[int, list[int]] = {}  # unit -> the blocks its forward allocated, in order
+        self._by_call: dict[tuple, list[int]] = {}  # (unit, op, call) and (unit, op, None) -> the blocks they made
         for i, b in enumerate(graph.blocks):
             if b.phase is Phase.FORWARD and b.owner is not None:
                 self._made.setdefault(b.owner, []).append(i)
+                for key in ((b.owner, b.op, b.op_call), (b.owner, b.op, None)):
+                    self._by_call.setdefault(key, []).append(i)
+        self._call_ms: dict[tuple, float] = {}  # (unit, op, call) and (unit, op, None) -> ms of those calls
+        for u in graph.units:
+            for op in u.ops:
+                for key in ((u.index, op.name, op.call), (u.index, op.name, None)):
+                    self._call_ms[key] = self._call_ms.get(key, 0.0) + op.ms
         self._deaths: dict[int, int] = {}  # id of a block -> its death, once asked for
         self._saved_activations = {  # blocks a choice may release: saved in forward, freed in backward
             i
             for i, b in enumerate(graph.blocks)
             if b.phase is Phase.FORWARD and b.category is Category.ACTIVATIONS and b.savers and b.free is not None
             and not b.in_state
+        }
+        self._leaving = {  # block a choice may release -> (units that must all be in it, death, free, unit output)
+            i: (graph.blocks[i].savers | self._readers.get(i, set()), self.death(graph.blocks[i]), graph.blocks[i].free,
+                graph.blocks[i].unit_output)
+            for i in self._saved_activations
+            if graph.blocks[i].owner is not None
         }
         self._last_saved: dict[int, int] = {}  # unit -> the latest allocation tick of a block its forward saved
         for b in graph.blocks:
@@ -169,16 +183,22 @@ class Semantics:
             return self._fwd_ends[i]
         return tick
 
-    def releasable(self, index: int, units: set[int]) -> bool:
-        """Whether block `index` can leave the device when `units` are recomputed or offloaded (and
-        the region keeps no operator output of it)."""
-        b = self.graph.blocks[index]
-        return index in self._saved_activations and b.owner in units and b.savers | self._readers.get(index, set()) <= units
+    def _releases(self, owned: list[int], units: set[int], kept: set[int], back: int, offload: bool) -> tuple[Release, ...]:
+        """The blocks among `owned` that leave the device when `units` are recomputed or offloaded: saved
+        activations that only these units saved or read, not kept by the region, dead before `back` and
+        alive at it (an offload keeps the unit's outputs, which the next unit holds anyway)."""
+        releases = []
+        for i in owned:
+            if i in kept or i not in self._leaving:
+                continue
+            need, death, free, output = self._leaving[i]
+            if death < back < free and need <= units and not (offload and output):
+                releases.append(Release(i, death, back))
+        return tuple(releases)
 
-    def _kept(self, owned: list[int], save_ops: frozenset[Kept]) -> set[int]:
-        """The blocks among `owned` that operator calls in `save_ops` made."""
-        blocks = self.graph.blocks
-        return {i for i in owned if keeps(save_ops, blocks[i].owner, blocks[i].op, blocks[i].op_call)} if save_ops else set()
+    def _kept(self, save_ops: frozenset[Kept]) -> set[int]:
+        """The blocks that operator calls in `save_ops` made in forward."""
+        return {i for k in save_ops for i in self._by_call.get(k, ())}
 
     def effect(self, choice: Choice) -> Effect | None:
         """The choice's effect, or None when it frees nothing or cannot run.
@@ -190,7 +210,7 @@ class Semantics:
         """
         units = set(choice.units)
         owned = self._owned(units)
-        kept = self._kept(owned, choice.save_ops)
+        kept = self._kept(choice.save_ops)
         if self.graph.units[choice.units[0]].mutates_inputs or any(self.graph.blocks[i].mutated for i in kept):
             return None
         if choice.action is Action.RECOMPUTE and not all(self.graph.units[u].replays_alike for u in units):
@@ -199,13 +219,7 @@ class Semantics:
         if not starts:
             return None
         back = min(starts) if choice.action is Action.RECOMPUTE else self._prefetch_tick(choice.units[0])
-        releases = tuple(
-            Release(i, self.death(self.graph.blocks[i]), back)
-            for i in owned
-            if i not in kept and self.releasable(i, units)
-            and self.death(self.graph.blocks[i]) < back < self.graph.blocks[i].free
-            and not (choice.action is Action.OFFLOAD and self.graph.blocks[i].unit_output)
-        )
+        releases = self._releases(owned, units, kept, back, choice.action is Action.OFFLOAD)
         if not releases:
             return None
         held: tuple[Release, ...] = ()
@@ -283,10 +297,10 @@ class Semantics:
         return tuple((i, delta) for _, i, delta in events)
 
     def _recompute_ms(self, unit: int, save_ops: frozenset[Kept]) -> float:
-        u = self.graph.units[unit]
-        if not any(k.unit == unit for k in save_ops):
-            return u.fwd_ms
-        return u.fwd_ms - sum(op.ms for op in u.ops if keeps(save_ops, unit, op.name, op.call))
+        """The unit's forward less its kept calls (an operator named with and without a call counts once)."""
+        every = {k.op for k in save_ops if k.unit == unit and k.call is None}
+        kept = (k for k in save_ops if k.unit == unit and (k.call is None or k.op not in every))
+        return self.graph.units[unit].fwd_ms - sum(self._call_ms.get(k, 0.0) for k in kept)
 
     def _offload_ms(self, unit: int, nbytes: int) -> float:
         """Copy time not hidden by compute: the copy out by the rest of the forward, the copy back
