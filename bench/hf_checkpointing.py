@@ -10,8 +10,9 @@ selective checkpointing with a fixed save list, through Hugging Face's checkpoin
 selective-checkpoint policies: every matmul's output saved, or torchtitan's list (matmuls and
 attention kernels saved, but every second matmul recomputed); the planner (`planner.auto`, no units
 named) at each of their measured peaks, a quarter of the way from the peak of checkpointing every
-layer to the unplanned peak, and at fixed memory + 50% of the activations. Each method is measured on the loop as a user writes it (`loss = model(**batch).loss;
-loss.backward(); optimizer.step(); optimizer.zero_grad()`): its peak by live storages, and its step
+layer to the unplanned peak, and at fixed memory + 50% of the activations. Each method is measured
+on the loop as a user writes it (`loss = model(**batch).loss; loss.backward(); optimizer.step();
+optimizer.zero_grad()`): its peak by live storages, and its step
 time as the median of --steps steps, each after a step of no checkpointing, over the median of
 those, in a process where the C library keeps the memory it is given back (`KEEP_FREED`, as CUDA's
 caching allocator keeps it): otherwise it returns freed pages to the system at moments that differ
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+
 import planner
 from bench.selective import SELECTIVE, selective
 from planner.core.graph import Category
