@@ -318,7 +318,8 @@ class Semantics:
             return 0.0
         if choice.action is Action.OFFLOAD:
             return m.offload_ms + m.offload_storage_ms * storages
-        return m.region_ms + m.region_storage_ms * storages
+        policy = m.selective_op_ms * sum(len(self.graph.units[u].ops) for u in choice.units) if choice.save_ops else 0.0
+        return m.region_ms + m.region_storage_ms * storages + policy
 
 
 def replay_peak(effect: Effect) -> int:

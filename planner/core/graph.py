@@ -172,12 +172,15 @@ class Work:
 @dataclass(frozen=True)
 class Mechanism:
     """What the executor costs on a device beyond the forward a region replays and the bytes an
-    offload copies (hooks, checkpoint and copy bookkeeping): ms per choice, and per storage it frees."""
+    offload copies (hooks, checkpoint and copy bookkeeping): ms per choice, and per storage it frees;
+    and for a region that keeps operator outputs saved, ms per operator call of its forward that the
+    selective-checkpoint policy sees (in the forward and in the replay)."""
 
     region_ms: float
     region_storage_ms: float
     offload_ms: float
     offload_storage_ms: float
+    selective_op_ms: float = 0.0
 
     def scaled(self, share: float) -> Mechanism:
         """These costs where only `share` of the host's extra work delays the step."""

@@ -13,8 +13,9 @@ import statistics
 
 import torch
 from torch import nn
+from torch.utils import checkpoint as ckpt
 
-from planner.core.actions import Action, Choice
+from planner.core.actions import Action, Choice, Kept
 from planner.core.graph import Mechanism
 from planner.core.plan import Plan, Status
 from planner.execution.handle import Handle
@@ -28,14 +29,15 @@ from planner.units import fingerprint
 def mechanism(device: str, repeats: int = 21) -> Mechanism:
     """`Mechanism` measured once per process on small models whose first unit saves few storages or
     many: each plan in turn with the unplanned step, medians of the differences, fitted by a line."""
-    points = [_mechanism_point(device, layers, repeats) for layers in (1, 6)]
-    (n1, r1, o1), (n2, r2, o2) = points
+    (n1, r1, o1, _), (n2, r2, o2, policy_ms) = _mechanism_point(device, 1, repeats), _mechanism_point(device, 6, repeats, True)
     region_slope, offload_slope = max(0.0, (r2 - r1) / (n2 - n1)), max(0.0, (o2 - o1) / (n2 - n1))
-    return Mechanism(max(0.0, r1 - region_slope * n1), region_slope, max(0.0, o1 - offload_slope * n1), offload_slope)
+    return Mechanism(max(0.0, r1 - region_slope * n1), region_slope, max(0.0, o1 - offload_slope * n1), offload_slope,
+                     max(0.0, policy_ms))
 
 
-def _mechanism_point(device: str, layers: int, repeats: int) -> tuple[int, float, float]:
-    """(storages the first unit saves, region ms beyond its forward, offload ms) for units of `layers` layers."""
+def _mechanism_point(device: str, layers: int, repeats: int, selective: bool = False) -> tuple[int, float, float, float]:
+    """(storages the first unit saves, region ms beyond its forward, offload ms, and with `selective`
+    ms per operator call of a selective-checkpoint policy, else 0) for units of `layers` layers."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = nn.Sequential(
@@ -47,12 +49,12 @@ def _mechanism_point(device: str, layers: int, repeats: int) -> tuple[int, float
         model(x).sum().backward()
         model.zero_grad(set_to_none=True)
 
-    def handle(action: Action) -> Handle:
+    def handle(choice: Choice) -> Handle:
         plan = Plan(
             model=type(model).__name__,
             fingerprint=fingerprint(model),
             units=("0#0", "1#0"),
-            choices=(Choice(action, (0,)),),
+            choices=(choice,),
             budget_bytes=0,
             solver="",
             status=Status.FEASIBLE,
@@ -69,8 +71,10 @@ def _mechanism_point(device: str, layers: int, repeats: int) -> tuple[int, float
     saved = set()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(storage_key(t)) or t, lambda t: t):
         model[0](x)
-    recompute, offload = handle(Action.RECOMPUTE), handle(Action.OFFLOAD)
+    recompute, offload = handle(Choice(Action.RECOMPUTE, (0,))), handle(Choice(Action.OFFLOAD, (0,)))
     diffs: dict[Handle, list[float]] = {recompute: [], offload: []}
+    if selective:  # a policy that keeps nothing
+        diffs[handle(Choice(Action.RECOMPUTE, (0,), frozenset({Kept(0, "no operator")})))] = []
     forward = []
     for _ in range(repeats + 1):
         forward.append(timed_ms(lambda: model[0](x), x.device))
@@ -80,7 +84,22 @@ def _mechanism_point(device: str, layers: int, repeats: int) -> tuple[int, float
             times.append(timed_ms(step, x.device) - plain)
             h.remove()
     region = statistics.median(diffs[recompute][1:]) - statistics.median(forward[1:])
-    return len(saved - skip), region, statistics.median(diffs[offload][1:])
+    policy = statistics.median(list(diffs.values())[-1][1:]) - statistics.median(diffs[recompute][1:])
+    ops_ms = policy / _forward_ops(model[0], x) if selective else 0.0
+    return len(saved - skip), region, statistics.median(diffs[offload][1:]), ops_ms
+
+
+def _forward_ops(module: nn.Module, x: torch.Tensor) -> int:
+    """The operator calls of the module's forward, as a selective-checkpoint policy sees them."""
+    calls = []
+
+    def policy(ctx, func, *args, **kwargs):
+        calls.append(ctx.is_recompute)
+        return ckpt.CheckpointPolicy.PREFER_RECOMPUTE
+
+    context = functools.partial(ckpt.create_selective_checkpoint_contexts, policy)
+    ckpt.checkpoint(module, x, use_reentrant=False, context_fn=context)
+    return max(1, calls.count(False))
 
 
 @functools.cache
