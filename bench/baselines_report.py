@@ -91,25 +91,30 @@ def markdown(report: dict) -> str:
 
 
 def plot(scenario: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ref_ms = scenario["reference_step_ms"]
     methods: dict[str, list[tuple[float, float]]] = {}
     for r in scenario["rows"]:
         if r["peak_bytes"] is not None and r["step_ms"] is not None:
             methods.setdefault(r["method"], []).append((r["peak_bytes"] / 2**20, r["step_ms"] / ref_ms))
+    tradeoff_plot(methods, f"{scenario['scenario']} (small): overhead against peak", "measured peak (MiB)", path)
+
+
+def tradeoff_plot(methods: dict[str, list[tuple[float, float]]], title: str, xlabel: str, path: Path) -> None:
+    """Step time against peak: each method's (peak MiB, step time ×) points, joined where it has several."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
     markers = "os^vD<>pXh*"
     for i, (method, points) in enumerate(methods.items()):
-        points.sort()
+        points = sorted(points)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)],
                 linestyle="-" if len(points) > 1 else "none", label=method)
-    ax.set_xlabel("measured peak (MiB)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("step time relative to no checkpointing")
-    ax.set_title(f"{scenario['scenario']} (small): overhead against peak")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import planner
+from bench.baselines_report import tradeoff_plot
 from bench.selective import SELECTIVE, selective
 from planner.core.graph import Category
 from planner.measurement import high_water_mark
@@ -238,25 +239,13 @@ def table(results: list[dict]) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Step time against measured peak: a point per method, the planner's points joined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     rows = [r for r in result["rows"] if "peak_bytes" in r]
-    planned = sorted((r["peak_bytes"] / 2**20, r["step_ratio"]) for r in rows if r["method"].startswith("planner"))
-    ax.plot(*zip(*planned), marker="o", color="black", label="planner (no units named)")
-    for marker, r in zip("s^vD<>pXh*", (r for r in rows if not r["method"].startswith("planner"))):
-        ax.plot(r["peak_bytes"] / 2**20, r.get("step_ratio", 1.0), marker=marker, linestyle="none", label=r["method"])
-    ax.set_xlabel("measured peak (MiB, live storages)")
-    ax.set_ylabel("step time relative to no checkpointing")
-    ax.set_title(f"{result['model']}: overhead against peak")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    methods = {"planner (no units named)": [(r["peak_bytes"] / 2**20, r["step_ratio"]) for r in rows
+                                            if r["method"].startswith("planner")]}
+    for r in rows:
+        if not r["method"].startswith("planner"):
+            methods[r["method"]] = [(r["peak_bytes"] / 2**20, r.get("step_ratio", 1.0))]
+    tradeoff_plot(methods, f"{result['model']}: overhead against peak", "measured peak (MiB, live storages)", path)
 
 
 def main() -> None:
