@@ -95,7 +95,10 @@ def peak_bytes(model, batch, optimizer) -> tuple[int, int | None]:
     """(live storages, rise of the high-water mark) of a steady-state step of the user's loop, both
     with what existed before it; the model and optimizer are left as they were."""
     with preserved(model, optimizer):
-        user_step(model, batch, optimizer)
+        # the warm-up runs under a tracker too, as the measured step will (see planner.measurement._warm_up)
+        with StorageTracker("cpu") as warm:
+            user_step(model, batch, optimizer)
+        warm.stop_tracking()
         existing = [*model.parameters(), *model.buffers(), *tensors_in(optimizer.state), *tensors_in(batch)]
         before = sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in existing}.values())
         tracker = StorageTracker("cpu", existing)

@@ -52,7 +52,10 @@ def user_step(model, batch, optimizer, loss_fn) -> None:
 def peaks(model, batch, optimizer, loss_fn) -> tuple[int, int | None]:
     """(live storages, rise of the high-water mark) of a steady-state step, with what existed before it."""
     with preserved(model, optimizer):
-        user_step(model, batch, optimizer, loss_fn)
+        # the warm-up runs under a tracker too, as the measured step will (see planner.measurement._warm_up)
+        with StorageTracker("cpu") as warm:
+            user_step(model, batch, optimizer, loss_fn)
+        warm.stop_tracking()
         existing = [*model.parameters(), *model.buffers(), *tensors_in(optimizer.state), *tensors_in(batch)]
         before = sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in existing}.values())
         tracker = StorageTracker("cpu", existing)

@@ -1,15 +1,17 @@
 """Measure the real peak memory and time of a training step.
 
 On CPU, live tensor storages are tracked during the step (what existed
-before it, such as parameters and optimizer state, is added separately), and
+before it, such as parameters and optimizer state, is added separately; for a
+model `torch.compile` returned, whose kernels allocate outside the dispatcher,
+every block of c10's CPU allocator is counted instead), and
 on Linux the process's high-water mark is read too, which also sees memory
 allocated outside PyTorch's dispatcher (NumPy buffers, library scratch): it
 follows freed tensors only where the process was started with
 MALLOC_MMAP_THRESHOLD_ set low (65536), so that they go back to the system.
 On CUDA the caching allocator's own statistics give the allocated and reserved
-peaks. One warm-up step first, so that lazily created optimizer state exists
-and the measured step is a steady-state one. The model, optimizer and random
-number generators are restored afterwards.
+peaks. One warm-up step first (on the CPU under a tracker too), so that lazily
+created optimizer state exists and the measured step is a steady-state one.
+The model, optimizer and random number generators are restored afterwards.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from planner.step import LossFn, StepFn, TrainingStep, preserved, timed_ms
+from planner.torch_internals import CpuScratch, is_compiled
 from planner.tracking import StorageTracker, fixed_bytes, fixed_groups
 
 
@@ -33,7 +36,7 @@ class Measurement:
     """Measured peak bytes of a steady-state step and its median time in ms."""
 
     device: str
-    peak_bytes: int  # CPU: live storages at the worst moment; CUDA: max_memory_allocated
+    peak_bytes: int  # CPU: live storages at the worst moment (compiled: c10's allocator); CUDA: max_memory_allocated
     reserved_bytes: int | None  # CUDA only: max_memory_reserved
     step_ms: float
     steps: int
@@ -61,7 +64,7 @@ def measure(
     device = train.device
     with preserved(model, optimizer):
         for _ in range(warmup):
-            train()
+            _warm_up(train, device)
         times = [timed_ms(train, device) for _ in range(steps)]
         if device.type == "cuda":
             peak, reserved = _cuda_peak(train, device)
@@ -71,10 +74,35 @@ def measure(
     return Measurement(str(device), peak, reserved, statistics.median(times) if times else 0.0, steps, process)
 
 
+def _warm_up(train: TrainingStep, device: torch.device) -> None:
+    """A warm-up step; on the CPU under a StorageTracker, as the measured step will run, so that the
+    measured step runs no machine code for the first time. Code first run pages its shared library
+    in, and the high-water mark counts those pages: a recompute region's replay stops early by
+    raising from a saved-tensor hook, and under a dispatch mode that exception unwinds through boxed
+    kernels whose code and unwind tables (1.4 MiB of libtorch_cpu.so for a BERT) no step without a
+    mode runs. A compiled step is measured without a tracker, and warms up without one."""
+    if device.type == "cuda" or is_compiled(train.model):
+        train()
+        return
+    with StorageTracker(device) as warm:
+        train()
+    warm.stop_tracking()
+
+
 def _tracked_peak(train: TrainingStep, device: torch.device) -> tuple[int, int | None]:
-    """(fixed + the live storages' peak, fixed + the rise of the process's high-water mark)."""
+    """(fixed + the live storages' peak, fixed + the rise of the process's high-water mark). A compiled
+    model's kernels allocate outside the dispatcher: its peak is what c10's CPU allocator held."""
     groups = fixed_groups(train.model, train.batch, train.optimizer)
     fixed = sum(fixed_bytes(groups, device).values())
+    if is_compiled(train.model):
+        allocator = CpuScratch()
+        if not allocator.available() or not allocator.start():
+            raise RuntimeError("a compiled step's memory is measured by the autograd profiler's memory events, "
+                               "which this torch lacks or another profiler holds")
+        with high_water_mark() as rise:
+            train()
+        peak, _ = allocator.stop_peak()
+        return fixed + peak, None if rise() is None else fixed + rise()
     tracker = StorageTracker(device, [t for ts in groups.values() for t in ts])
     with high_water_mark() as rise, tracker:
         train()

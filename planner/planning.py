@@ -13,6 +13,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 import yaml
 
 from planner.core.costmodel import Roofline
@@ -25,6 +26,7 @@ from planner.distributed.collective import agreed_union, agreed_units, on_worst_
 from planner.execution import ReplayFailed, apply
 from planner.measurement import measure, replays_left_behind
 from planner.profiling import profile, unit_names
+from planner.torch_internals import is_compiled
 from solvers import Solution, auto_solver, build_problem, get_solver
 from solvers.ilp import min_peak
 from solvers.problem import Problem
@@ -61,15 +63,22 @@ def plan(
     CPU, whose host memory is the device's (an offload there frees nothing; allow it to test the
     mechanics). `margin_bytes` are kept free under the budget (what a measured step showed beyond
     the prediction). `host_memory` (bytes or a size such as "64GiB") bounds the host memory the
-    offloads hold at once (default: no bound).
+    offloads hold at once (default: no bound). A graph of a compiled step (`profile(...,
+    compiled=True)`) is planned with regions of one unit and no offload.
     """
     roofline = roofline or roofline_for(graph)
     unplanned = simulate(graph, roofline=roofline).peak_bytes
     budget_bytes = parse_budget(budget, unplanned)
+    if offload and graph.compiled:
+        raise ValueError("offload does not run under torch.compile: plan a compiled step with offload=False")
     if offload is None:
-        offload = not graph.device.startswith("cpu")
+        offload = not graph.device.startswith("cpu") and not graph.compiled
     host_bytes = None if host_memory is None else size_bytes(host_memory)
-    problem = build_problem(graph, budget_bytes - margin_bytes, roofline, offload=offload, host_budget_bytes=host_bytes)
+    # Under torch.compile the partitioner saves what passes between two checkpointed calls: a region
+    # of several units holds what its units hold as regions of their own (planner.execution.compiled).
+    segments = {"max_segment_units": 1} if graph.compiled else {}
+    problem = build_problem(graph, budget_bytes - margin_bytes, roofline, offload=offload, host_budget_bytes=host_bytes,
+                            **segments)
     name = auto_solver(problem) if solver == "auto" else solver
     solution = get_solver(name)(problem, time_limit_s)
     if solution.status is Status.INFEASIBLE and name in SEARCHING:  # its search found none: the least peak may fit
@@ -100,6 +109,7 @@ def plan(
         forwards=graph.forwards,
         margin_bytes=margin_bytes,
         predicted_host_bytes=sim.host_bytes,
+        compiled=graph.compiled,
     )
 
 
@@ -183,25 +193,31 @@ def auto(
     host_memory: int | str | None = None,
     check: bool = True,
     time_limit_s: float = 10.0,
+    compiled: bool | None = None,
 ):
     """Profile, plan and apply in one call; returns the handle (its `.plan` says what was chosen).
 
         handle = planner.auto(model, batch, "60%", loss_fn=loss_fn, optimizer=opt)
         handle = planner.auto(model, budget="6GiB", step=my_step, optimizer=opt)   # a step of your own
+        handle = planner.auto(torch.compile(model), batch, "60%", optimizer=opt)    # a compiled step
 
     With `check` (the default), one planned step is measured before returning (see `hold`).
-    Under torch.distributed every rank calls it: one rank chooses the units and solves, and every
-    rank applies the same plan.
+    `compiled` plans for the step under torch.compile (by default: when `model` is what
+    `torch.compile` returned); the model may be compiled before or after. Under torch.distributed
+    every rank calls it: one rank chooses the units and solves, and every rank applies the same plan.
     """
     if budget is None:
         raise ValueError("give a budget: bytes, a size like 6GiB or a share of the unplanned peak like 60%")
+    compiled = is_compiled(model) if compiled is None else compiled
     step_args = {"loss_fn": loss_fn, "optimizer": optimizer, "step": step, "autocast_dtype": autocast_dtype}
     names = agreed_units(unit_names(model, example_batch, units=units, **step_args))
-    graph = profile(model, example_batch, units=names, **step_args)
+    graph = profile(model, example_batch, units=names, compiled=compiled, **step_args)
     solve = {"solver": solver, "time_limit_s": time_limit_s, "offload": offload, "host_memory": host_memory}
     chosen = plan_ranks(graph, budget, **solve)
     if not check:
         return apply(model, chosen)
+    if compiled and not is_compiled(model):  # the checked step runs as the user's compiled model will
+        model = torch.compile(model)
     return hold(model, graph, chosen, example_batch, **step_args, solve=solve)
 
 

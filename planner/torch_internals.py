@@ -7,6 +7,7 @@ Checked on torch 2.4 to 2.14.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -84,7 +85,7 @@ def fake_tensor_mode():
 
 class CpuScratch:
     """The most bytes c10's CPU allocator holds during one operator call beyond what it holds when the
-    call returns, from the legacy autograd profiler's memory events (no kineto session: cheap, and
+    call returns (or during a whole compiled step, whose kernels allocate outside the dispatcher), from the legacy autograd profiler's memory events (no kineto session: cheap, and
     quiet). Unavailable where another profiler is running, or where this torch lacks the API
     (`_enable_profiler_legacy` with a `ProfilerConfig` of state, report_input_shapes, profile_memory,
     with_stack, with_flops, with_modules, experimental config; `_disable_profiler_legacy`)."""
@@ -113,12 +114,18 @@ class CpuScratch:
 
     def stop(self) -> int:
         """Ends what `start` began; the call's scratch in bytes."""
+        peak, live = self.stop_peak()
+        return peak - live
+
+    def stop_peak(self) -> tuple[int, int]:
+        """Ends what `start` began: the most bytes the allocator held beyond what it held at the start,
+        and what it holds beyond that now."""
         events = [e for thread in self._disable(self._options) for e in thread if e.kind() == "memory_alloc"]
         live = peak = 0
         for e in sorted(events, key=lambda e: e.start_us()):  # (a stable sort: one thread's stay in order)
             live += e.cpu_memory_usage()  # negative for a free
             peak = max(peak, live)
-        return peak - live
+        return peak, live
 
 
 @contextlib.contextmanager
@@ -142,3 +149,54 @@ def watching_storage_resizes(resized: Callable[[torch.UntypedStorage], None]) ->
             del torch.UntypedStorage.resize_
         else:
             torch.UntypedStorage.resize_ = own
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether `model` is what `torch.compile(module)` returns (torch._dynamo's OptimizedModule, whose
+    `_orig_mod` is the module it compiles); a model cannot be one before Dynamo is imported."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
+def original(model: torch.nn.Module) -> torch.nn.Module:
+    """The module `torch.compile` compiled into `model`, or `model` itself."""
+    return model._orig_mod if is_compiled(model) else model
+
+
+def partitioning_backend(on_partition: Callable[[torch.fx.GraphModule, torch.fx.GraphModule], None]) -> Callable:
+    """A torch.compile backend that partitions the joint graph as inductor does (its decompositions,
+    `min_cut_rematerialization_partition(..., compiler="inductor")`), tells `on_partition(forward,
+    backward)` of each pair of graphs, and runs them as they are (no code generated). Relies on
+    torch._dynamo.backends.common.aot_autograd, functorch.compile.make_boxed_func and inductor's
+    `select_decomp_table`."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    def partition(joint, inputs, **kwargs):
+        forward, backward = min_cut_rematerialization_partition(joint, inputs, compiler="inductor", **kwargs)
+        on_partition(forward, backward)
+        return forward, backward
+
+    def run(graph, example_inputs):
+        return make_boxed_func(graph.forward)
+
+    return aot_autograd(fw_compiler=run, bw_compiler=run, decompositions=select_decomp_table(), partition_fn=partition)
+
+
+def saved_for_backward(forward: torch.fx.GraphModule, backward: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The nodes of a partitioned forward graph whose values its backward takes (its inputs other than
+    the incoming gradients, `tangents_*`), each followed through views to the node that made its
+    storage, once; the forward's own inputs (parameters, the batch) are left out."""
+    taken = {n.name for n in backward.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")}
+    (output,) = [n for n in forward.graph.nodes if n.op == "output"]
+    made: dict[torch.fx.Node, None] = {}
+    for node in output.args[0]:
+        if not isinstance(node, torch.fx.Node) or node.name not in taken:
+            continue
+        while isinstance(node.target, torch._ops.OpOverload) and node.target.is_view:
+            node = node.args[0]
+        if node.op != "placeholder":
+            made[node] = None
+    return list(made)

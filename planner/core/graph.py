@@ -8,7 +8,8 @@ one, so a tick orders everything that happened.
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass, replace
 from enum import Enum
 
 import networkx as nx
@@ -197,6 +198,23 @@ class Calibration:
     mechanism: Mechanism | None = None  # the executor's own costs there
 
 
+def _resave(blocks: list[Block], saved: list[int], total: int) -> None:
+    """Blocks `saved` (largest first) as saved blocks holding `total` bytes together (see
+    `ProfiledGraph.as_compiled`)."""
+    left, kept = total, []
+    for i in saved:
+        if blocks[i].bytes <= left:
+            kept.append(i)
+            left -= blocks[i].bytes
+    dropped = [i for i in saved if i not in kept]
+    if left:
+        i = dropped.pop() if dropped else kept[0]
+        blocks[i] = replace(blocks[i], bytes=left if i not in kept else blocks[i].bytes + left)
+    for i in dropped:
+        b = blocks[i]
+        blocks[i] = replace(b, savers=frozenset(), free=max(b.alloc, b.last_use or b.alloc) + 1)
+
+
 @dataclass(frozen=True)
 class ProfiledGraph:
     """A profiled training step: units, their data edges, fixed memory and the allocation trace.
@@ -221,6 +239,7 @@ class ProfiledGraph:
     other: Work = Work()
     calibration: Calibration = Calibration()
     forwards: int = 1  # forwards of the model with gradients in one step (micro-batches)
+    compiled: bool = False  # the step runs under torch.compile: saved bytes are the compiled forward's
 
     @property
     def end_tick(self) -> int:
@@ -247,6 +266,29 @@ class ProfiledGraph:
         """True when the units form one path with pure chain links."""
         n = len(self.units)
         return len(self.chain_links()) == n - 1 and all((i, i + 1) in set(self.edges) for i in range(n - 1))
+
+    def as_compiled(self, saved_bytes: dict[int, int], forwards: Sequence[tuple[int, int]]) -> ProfiledGraph:
+        """This step as torch.compile runs it, where the forward of unit u saves `saved_bytes[u]` for
+        backward (what the partitioner chose) instead of what the eager step saved, and the model's
+        code outside every unit, during `forwards` (first and last tick of each forward of the model),
+        `saved_bytes[-1]`. Each keeps its largest saved blocks that fit its total, one more cut to the
+        rest, or its largest grown by what is missing; the others live only until their last use in
+        the forward, as values a compiled forward does not keep. Code outside the model (the loss,
+        the optimizer) stays as it ran."""
+        backward = self.phases[Phase.BACKWARD][0]
+        groups: dict[int, list[int]] = {}
+        for i, b in enumerate(self.blocks):
+            if b.phase is Phase.FORWARD and b.savers and b.free is not None and b.free >= backward:
+                owner = -1 if b.owner is None else b.owner
+                if owner >= 0 or any(first <= b.alloc <= last for first, last in forwards):
+                    groups.setdefault(owner, []).append(i)
+        blocks = list(self.blocks)
+        for owner, saved in groups.items():
+            if owner in saved_bytes:
+                _resave(blocks, sorted(saved, key=lambda i: -blocks[i].bytes), saved_bytes[owner])
+        units = tuple(replace(u, saved_bytes=saved_bytes[u.index]) if u.index in groups and u.index in saved_bytes else u
+                      for u in self.units)
+        return replace(self, blocks=tuple(blocks), units=units, compiled=True)
 
     def unit(self, key: str) -> Unit:
         for u in self.units:

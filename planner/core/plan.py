@@ -62,6 +62,7 @@ class Plan:
     forwards: int = 1  # forwards of the model in one training step: unit calls are counted over them
     margin_bytes: int = 0  # kept free under the budget for what a measured step showed beyond the prediction
     predicted_host_bytes: int = 0  # host memory the offloads hold at once
+    compiled: bool = False  # made for the step under torch.compile (regions of one unit, no offload)
 
     @property
     def overhead_pct(self) -> float:
@@ -105,6 +106,7 @@ class Plan:
             "unplanned": {"peak_bytes": self.unplanned_peak_bytes},
             "forwards": self.forwards,
             "margin_bytes": self.margin_bytes,
+            "compiled": self.compiled,
             "units": units,
         }
 
@@ -133,6 +135,7 @@ class Plan:
             forwards=fields.get("forwards", int) if "forwards" in fields.data else 1,
             margin_bytes=fields.get("margin_bytes", int) if "margin_bytes" in fields.data else 0,
             predicted_host_bytes=predicted.get("host_bytes", int) if "host_bytes" in predicted.data else 0,
+            compiled=fields.get("compiled", bool) if "compiled" in fields.data else False,
         )
 
 
@@ -146,7 +149,7 @@ class _Fields:
         if name not in self.data:
             raise ValueError(f"{self.source}: missing field '{name}'")
         value = self.data[name]
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise ValueError(f"{self.source}: field '{name}' must be {expected}, got {value!r}")
         return value

@@ -22,8 +22,10 @@ from torch import nn
 
 from planner.core.actions import Action, Choice
 from planner.core.plan import Plan
+from planner.execution.compiled import compiled_call, static_choices
 from planner.execution.offload import Offloader
 from planner.execution.recompute import Regions
+from planner.torch_internals import original
 from planner.units import buffers_of, fingerprint
 
 
@@ -32,7 +34,10 @@ class PlanMismatch(ValueError):
 
 
 def apply(model: nn.Module, plan: Plan) -> Handle:
-    """Make `model` run under `plan` until `remove()` is called on the returned handle."""
+    """Make `model` run under `plan` until `remove()` is called on the returned handle. `model` may be
+    what `torch.compile` returned, or be compiled afterwards: a compiled model follows the plan too
+    (`planner.execution.compiled`)."""
+    model = original(model)
     check_plan(model, plan)
     handle = Handle(model, plan)
     handle.install()
@@ -66,6 +71,7 @@ class Handle:
                 name, call = plan.units[u].rsplit("#", 1)
                 self.actions[(name, int(call))] = (choice, position)
         self.names = sorted({key.rsplit("#", 1)[0] for key in plan.units})
+        self.static = static_choices(plan)
         self.calls: dict[str, int] = {}
         self.forwards = 0  # forwards with gradients so far: a step has plan.forwards of them
         self.depth = 0  # unit calls in flight: calls inside them run as they are
@@ -99,7 +105,7 @@ class Handle:
         self.remove()
 
     def _begin(self, module, args) -> None:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return
         if self.forwards % self.plan.forwards == 0:  # a new step: unit calls count from 0
             self.calls = dict.fromkeys(self.names, 0)
@@ -108,6 +114,8 @@ class Handle:
         self.offload.start()
 
     def _end(self, module, args, output) -> None:
+        if torch.compiler.is_compiling():
+            return
         if self.regions.open is not None:
             last = self.plan.units[self.regions.open.choice.units[-1]]
             self.regions.close()
@@ -129,6 +137,8 @@ class Handle:
     def _forward(self, name: str, forward: Callable) -> Callable:
         @functools.wraps(forward)
         def run(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return compiled_call(self.static.get(name), forward, args, kwargs)
             if self.depth or not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
             call = self.calls.get(name, 0)

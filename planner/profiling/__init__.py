@@ -29,7 +29,8 @@ from planner.profiling.recorder import Recorder, unit_hooks
 from planner.profiling.survey import survey_units
 from planner.profiling.timing import TIMED_STEPS, calibrate, least, timed_step
 from planner.step import LossFn, StepFn, TrainingStep, forward_loss, optimizer_hooks, preserved
-from planner.torch_internals import fake_mode_of
+from planner.profiling.compiled import compiled_saved_bytes
+from planner.torch_internals import fake_mode_of, is_compiled, original
 from planner.tracking import fixed_bytes, fixed_groups, optimizer_tensors, storage_key
 from planner.units import UnitSpec, select_units
 
@@ -43,6 +44,7 @@ def profile(
     step: StepFn | None = None,
     units: UnitSpec = None,
     autocast_dtype: torch.dtype | None = None,
+    compiled: bool = False,
 ) -> ProfiledGraph:
     """Run one training step with hooks and return what it did.
 
@@ -55,8 +57,14 @@ def profile(
     that its state counts as fixed memory. `units` chooses the modules a plan
     acts on (see `planner.units.select_units`); by default a survey of the
     module tree chooses them (`planner.profiling.survey`). On CUDA the allocator's peak
-    statistics are reset at every operator (they measure its scratch memory).
+    statistics are reset at every operator (they measure its scratch memory). With `compiled` (or a
+    model `torch.compile` returned), the profile is of the step under torch.compile: what each unit
+    saves for backward is what the compiled forward saves (`planner.profiling.compiled`).
     """
+    compiled = compiled or is_compiled(model)
+    model = original(model)
+    if compiled and step is not None:
+        raise ValueError("a compiled step is profiled with the built-in step: give example_batch and loss_fn, not step")
     train = TrainingStep.of(model, example_batch, loss_fn, optimizer, autocast_dtype, step)
     device = train.device
     groups = fixed_groups(model, train.batch, optimizer)
@@ -66,7 +74,7 @@ def profile(
         names = _unit_names(train, units, device, existing)
     with fake_mode or contextlib.nullcontext(), preserved(model, optimizer):
         rec = Recorder(device, existing, estimated_times=device.type == "meta" or fake_mode is not None)
-        _tracked_step(train, names, rec)
+        forwards = _tracked_step(train, names, rec)
         opt_state = [rec.open[k] for k in map(storage_key, optimizer_tensors(optimizer)) if k in rec.open]
         # All optimizer state after the step, including what it made outside the dispatcher (step counts).
         state_after = fixed_bytes({Category.OPTIMIZER: optimizer_tensors(optimizer)}, device)[Category.OPTIMIZER]
@@ -83,7 +91,8 @@ def profile(
     sizes[Category.OPTIMIZER] = state_after
     if held is not None:
         sizes[Category.WORKSPACE] = max(0, held - sum(sizes.values()))
-    return freeze(model, device, rec, sizes, rec.grads or [], opt_state, first_step_bytes, calibration)
+    graph = freeze(model, device, rec, sizes, rec.grads or [], opt_state, first_step_bytes, calibration)
+    return graph.as_compiled(compiled_saved_bytes(train, graph.units), forwards) if compiled else graph
 
 
 def _measured_calibration(device: torch.device, host_busy: float) -> Calibration:
@@ -107,6 +116,7 @@ def unit_names(
     autocast_dtype: torch.dtype | None = None,
 ) -> list[str]:
     """The names of the modules `profile` takes as units, for the same arguments."""
+    model = original(model)
     train = TrainingStep.of(model, example_batch, loss_fn, optimizer, autocast_dtype, step)
     groups = fixed_groups(model, train.batch, optimizer)
     existing = [t for ts in groups.values() for t in ts]
@@ -133,9 +143,11 @@ def _survey_step(train: TrainingStep):
     return lambda: forward_loss(train.model, train.batch, train.loss_fn, train.autocast_dtype)
 
 
-def _tracked_step(train: TrainingStep, names: list[str], rec: Recorder) -> None:
-    """The profiled step: every operator and storage through `rec`, units and saved tensors hooked."""
+def _tracked_step(train: TrainingStep, names: list[str], rec: Recorder) -> list[tuple[int, int]]:
+    """The profiled step: every operator and storage through `rec`, units and saved tensors hooked;
+    returns the first and last tick of each forward of the model."""
     model = train.model
+    forwards: list[tuple[int, int]] = []
 
     def on_phase(phase: Phase) -> None:
         if phase is Phase.OPTIMIZER:  # the gradients are all there now
@@ -143,8 +155,13 @@ def _tracked_step(train: TrainingStep, names: list[str], rec: Recorder) -> None:
 
     def count_forward(module, args) -> None:
         rec.forwards += torch.is_grad_enabled()
+        forwards.append((rec.tick, rec.tick))
+
+    def end_forward(module, args, output) -> None:
+        forwards[-1] = (forwards[-1][0], rec.tick)
 
     counter = model.register_forward_pre_hook(count_forward)
+    ender = model.register_forward_hook(end_forward)
     try:
         with unit_hooks(model, names, rec.enter_unit, rec.exit_unit), torch.autograd.graph.saved_tensors_hooks(
             rec.pack, rec.unpack
@@ -155,3 +172,5 @@ def _tracked_step(train: TrainingStep, names: list[str], rec: Recorder) -> None:
         raise type(err)(f"the training step failed on the example batch: {err}") from err
     finally:
         counter.remove()
+        ender.remove()
+    return forwards

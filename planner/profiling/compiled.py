@@ -1,0 +1,70 @@
+"""What a compiled step saves for backward, unit by unit.
+
+Under torch.compile, AOTAutograd traces the forward and backward into one joint graph and its
+partitioner chooses what the forward saves: fused operators' intermediates never exist, and cheap
+ones are recomputed in backward, so a compiled step saves less than the eager step that `profile`
+records. One step of the model compiled with a backend that partitions as inductor does (and runs
+the graphs as they are) tells which values each forward graph hands its backward; each is credited,
+by the module it was computed in (`nn_module_stack`), to a unit. A module called several times
+shares its bytes among its calls.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from planner.core.graph import Unit
+from planner.step import TrainingStep, preserved
+from planner.torch_internals import partitioning_backend, saved_for_backward
+
+_ROOT = re.compile(r"^L\[[^\]]+\](\[\d+\])*")
+_INDEX = re.compile(r"\[(\d+)\]")
+_KEY = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]|\[['\"]([^'\"]+)['\"]\]")
+
+
+def compiled_saved_bytes(train: TrainingStep, units: Sequence[Unit]) -> dict[int, int]:
+    """Bytes the compiled step's forward saves for backward, by unit index (-1: outside every unit).
+    Runs one training step of `train.model` compiled (its state is restored)."""
+    pairs: list[tuple[torch.fx.GraphModule, torch.fx.GraphModule]] = []
+    compiled = torch.compile(train.model, backend=partitioning_backend(lambda fw, bw: pairs.append((fw, bw))))
+    with preserved(train.model, train.optimizer):
+        TrainingStep(compiled, train.batch, train.loss_fn, train.optimizer, train.autocast_dtype)()
+    by_name: dict[str, int] = defaultdict(int)
+    names = sorted({u.name for u in units}, key=len, reverse=True)
+    for forward, backward in pairs:
+        for node in saved_for_backward(forward, backward):
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor):
+                by_name[_unit_of(node, names)] += value.untyped_storage().nbytes()
+    calls: dict[str, list[int]] = defaultdict(list)
+    for u in units:
+        calls[u.name].append(u.index)
+    saved = {-1: by_name.pop(None, 0)}
+    for name, nbytes in by_name.items():
+        for index in calls[name]:
+            saved[index] = nbytes // len(calls[name])
+    return saved
+
+
+def _unit_of(node: torch.fx.Node, names: list[str]) -> str | None:
+    """The unit (of `names`, longest first) whose module computed `node`, the innermost that is one,
+    or None."""
+    for source, _ in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
+        path = module_path(source)
+        unit = next((n for n in names if n and (path == n or path.startswith(n + "."))), None)
+        if unit is not None:
+            return unit
+    return None
+
+
+def module_path(source: str) -> str:
+    """A module's qualified name from Dynamo's source for it, whose root is the compiled module, as
+    `L['self']` or an argument of a wrapper (`L['args'][0]`): `L['self'].h[0]._modules['attn']`,
+    or `L['args'][0]._orig_mod.h[0].attn`, is `h.0.attn`."""
+    path = _ROOT.sub("", source, count=1)
+    path = _INDEX.sub(r".\1", _KEY.sub(lambda m: "." + (m[1] or m[2]), path)).strip(".")
+    return path.removeprefix("_orig_mod").strip(".")
