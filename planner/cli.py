@@ -17,15 +17,16 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from planner.export import SUFFIXES, check_suffix
 from planner.core.graph import ProfiledGraph
 from planner.core.simulator import Simulation
+from planner.export import SUFFIXES, check_suffix
 
 if TYPE_CHECKING:
     from planner.workload import Workload
@@ -143,6 +144,8 @@ def _add_plan_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--host-memory", type=_size, metavar="SIZE",
                    help="the most host memory offloads may hold, such as 64GiB (default: no bound; 0: no "
                    "offload)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="plan (and train) the step under torch.compile: regions of one unit, no offload")  # fmt: skip
 
 
 def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -272,6 +275,10 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         plan = planner.load_plan(args.plan)
     else:
         plan = planner.plan(graph, args.budget, **_solve(args))
+    if args.compile:
+        import torch
+
+        workload = replace(workload, model=torch.compile(workload.model))
     step = {"loss_fn": workload.loss_closure(), "optimizer": workload.optimizer, "autocast_dtype": workload.autocast_dtype}
     with hold(workload.model, graph, plan, workload.batch, solve=_solve(args), **step) as checked:
         plan = checked.plan  # the first planned step held the budget, planned again if it had not
@@ -294,6 +301,8 @@ def _parallel(args: argparse.Namespace) -> tuple[int, str] | None:
     sharding = args.sharding or scenario.sharding
     if world_size == 1 and sharding is None:
         return None
+    if getattr(args, "compile", False):
+        raise ValueError("--compile plans one process: leave out --world-size and --sharding")
     if args.device in ("meta", "fake"):
         raise ValueError(f"--world-size and --sharding run the real step on every rank, not on --device {args.device}")
     if args.device == "cuda" and _cuda_count() < world_size:
@@ -337,6 +346,7 @@ def _profiled(args: argparse.Namespace):
         loss_fn=workload.loss_closure(),
         optimizer=workload.optimizer,
         autocast_dtype=workload.autocast_dtype,
+        compiled=getattr(args, "compile", False),
     )
     return workload, graph
 

@@ -163,6 +163,13 @@ def original(model: torch.nn.Module) -> torch.nn.Module:
     return model._orig_mod if is_compiled(model) else model
 
 
+def forget_compiled_code() -> None:
+    """Make every compiled function compile again at its next call (`torch.compiler.reset()`), where
+    Dynamo has been loaded (before, nothing was compiled)."""
+    if "torch._dynamo" in sys.modules:
+        torch.compiler.reset()
+
+
 def partitioning_backend(on_partition: Callable[[torch.fx.GraphModule, torch.fx.GraphModule], None]) -> Callable:
     """A torch.compile backend that partitions the joint graph as inductor does (its decompositions,
     `min_cut_rematerialization_partition(..., compiler="inductor")`), tells `on_partition(forward,

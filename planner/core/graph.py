@@ -273,8 +273,9 @@ class ProfiledGraph:
         code outside every unit, during `forwards` (first and last tick of each forward of the model),
         `saved_bytes[-1]`. Each keeps its largest saved blocks that fit its total, one more cut to the
         rest, or its largest grown by what is missing; the others live only until their last use in
-        the forward, as values a compiled forward does not keep. Code outside the model (the loss,
-        the optimizer) stays as it ran."""
+        the forward, as values a compiled forward does not keep. A unit that saved nothing in eager
+        (its output was saved as another's) keeps its largest block until its backward is over. Code
+        outside the model (the loss, the optimizer) stays as it ran."""
         backward = self.phases[Phase.BACKWARD][0]
         groups: dict[int, list[int]] = {}
         for i, b in enumerate(self.blocks):
@@ -283,12 +284,24 @@ class ProfiledGraph:
                 if owner >= 0 or any(first <= b.alloc <= last for first, last in forwards):
                     groups.setdefault(owner, []).append(i)
         blocks = list(self.blocks)
-        for owner, saved in groups.items():
-            if owner in saved_bytes:
-                _resave(blocks, sorted(saved, key=lambda i: -blocks[i].bytes), saved_bytes[owner])
-        units = tuple(replace(u, saved_bytes=saved_bytes[u.index]) if u.index in groups and u.index in saved_bytes else u
-                      for u in self.units)
+        for owner, nbytes in saved_bytes.items():
+            saved = sorted(groups.get(owner, []), key=lambda i: -blocks[i].bytes)
+            if not saved and owner >= 0 and nbytes:
+                saved = self._made_by(owner)[:1]
+                if saved:
+                    unit = self.units[owner]
+                    blocks[saved[0]] = replace(blocks[saved[0]], savers=frozenset({owner}), free=unit.bwd_end or backward,
+                                               category=Category.ACTIVATIONS)
+            if saved:
+                _resave(blocks, saved, nbytes)
+        units = tuple(replace(u, saved_bytes=saved_bytes.get(u.index, u.saved_bytes)) for u in self.units)
         return replace(self, blocks=tuple(blocks), units=units, compiled=True)
+
+    def _made_by(self, unit: int) -> list[int]:
+        """The blocks the unit's forward made that live beyond it, largest first."""
+        end = self.units[unit].fwd_end
+        made = [i for i, b in enumerate(self.blocks) if b.owner == unit and b.phase is Phase.FORWARD and (b.free is None or b.free > end)]
+        return sorted(made, key=lambda i: -self.blocks[i].bytes)
 
     def unit(self, key: str) -> Unit:
         for u in self.units:

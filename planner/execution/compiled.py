@@ -17,6 +17,7 @@ import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 from torch.utils import checkpoint as ckpt
 
 from planner.core.actions import Action, Kept, keeps
@@ -65,12 +66,19 @@ def _one(name: str, whats: set[Unit | str]) -> Unit | NotCompilable:
 def compiled_call(unit: Unit | NotCompilable | None, forward: Callable, args: tuple, kwargs: dict):
     """One unit call while Dynamo traces it, as `unit` (None: a module the plan does not name) says."""
     if isinstance(unit, NotCompilable):
-        raise unit
+        _refuse(unit)
     if unit is None or not unit.recompute:
         return forward(*args, **kwargs)
     if not unit.save_ops:  # (Dynamo takes a context_fn made where it traces, not one read from outside)
         return ckpt.checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return ckpt.checkpoint(forward, *args, use_reentrant=False, context_fn=functools.partial(_selective, unit.save_ops), **kwargs)
+
+
+@torch.compiler.disable
+def _refuse(error: NotCompilable) -> None:
+    """Raise `error` outside the trace: an exception Dynamo meets while tracing makes it fall back to
+    running the frame eagerly instead of reaching the user."""
+    raise error
 
 
 def _selective(save_ops: frozenset[Kept]):

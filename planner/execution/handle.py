@@ -25,7 +25,7 @@ from planner.core.plan import Plan
 from planner.execution.compiled import compiled_call, static_choices
 from planner.execution.offload import Offloader
 from planner.execution.recompute import Regions
-from planner.torch_internals import original
+from planner.torch_internals import forget_compiled_code, original
 from planner.units import buffers_of, fingerprint
 
 
@@ -41,6 +41,8 @@ def apply(model: nn.Module, plan: Plan) -> Handle:
     check_plan(model, plan)
     handle = Handle(model, plan)
     handle.install()
+    # Dynamo's guards tell a unit's forward with a plan from one without, not one plan from another
+    forget_compiled_code()
     return handle
 
 

@@ -24,12 +24,12 @@ from torch import nn
 
 from planner.core.graph import Calibration, Category, Phase, ProfiledGraph
 from planner.execution.calibration import host_copy_bytes_per_s, mechanism
+from planner.profiling.compiled import compiled_saved_bytes
 from planner.profiling.freeze import freeze
 from planner.profiling.recorder import Recorder, unit_hooks
 from planner.profiling.survey import survey_units
 from planner.profiling.timing import TIMED_STEPS, calibrate, least, timed_step
 from planner.step import LossFn, StepFn, TrainingStep, forward_loss, optimizer_hooks, preserved
-from planner.profiling.compiled import compiled_saved_bytes
 from planner.torch_internals import fake_mode_of, is_compiled, original
 from planner.tracking import fixed_bytes, fixed_groups, optimizer_tensors, storage_key
 from planner.units import UnitSpec, select_units
@@ -70,6 +70,8 @@ def profile(
     groups = fixed_groups(model, train.batch, optimizer)
     existing = [t for ts in groups.values() for t in ts]
     fake_mode = fake_mode_of(existing)  # the FakeTensorMode the model was built under; None for real tensors
+    if compiled and (fake_mode is not None or device.type == "meta"):
+        raise ValueError("a compiled step is profiled by running it: profile it on a real device, not meta or fake")
     with fake_mode or contextlib.nullcontext():
         names = _unit_names(train, units, device, existing)
     with fake_mode or contextlib.nullcontext(), preserved(model, optimizer):

@@ -43,10 +43,8 @@ def compiled_saved_bytes(train: TrainingStep, units: Sequence[Unit]) -> dict[int
     calls: dict[str, list[int]] = defaultdict(list)
     for u in units:
         calls[u.name].append(u.index)
-    saved = {-1: by_name.pop(None, 0)}
-    for name, nbytes in by_name.items():
-        for index in calls[name]:
-            saved[index] = nbytes // len(calls[name])
+    saved = {u.index: by_name.get(u.name, 0) // len(calls[u.name]) for u in units}
+    saved[-1] = by_name.get(None, 0)
     return saved
 
 

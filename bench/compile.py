@@ -1,0 +1,202 @@
+"""Plans under torch.compile against torch.compile's own memory knob, measured side by side on the CPU.
+
+    python -m bench.compile                       # writes bench/compile.json and bench/compile_{gpt,gpt2,llama}.png
+    python -m bench.compile --models gpt --steps 5
+
+Per model (the zoo's GPT; GPT-2 and LLaMA from small Hugging Face configs, as in tests/third_party.py;
+AdamW), in one process: the compiled step without a plan; with
+`torch._functorch.config.activation_memory_budget` at 0.8, 0.5, 0.2 and 0.0 (compile's knob, a share
+of what the partitioner saves); and the compiled step under the planner's plans (`profile(...,
+compiled=True)`, then `hold`, which checks one planned step and plans again where it is over), at
+five budgets from the smallest peak any plan reaches to the unplanned peak and at the peak the knob
+measures at 0.5. Peaks: the most c10's CPU allocator holds during a steady step (compiled kernels
+allocate outside the dispatcher, so live-storage tracking cannot see them), with the parameters,
+gradients and optimizer state; for the step without a plan, the knob at 0.5 and the planner at
+the knob's peak, also the rise of the process's high-water mark in a fresh process started with
+MALLOC_MMAP_THRESHOLD_=65536 (in this one, the memory compiling left in the C library's heap hides
+part of the step's). Step time: the median of --steps steps over the median of as many compiled
+steps without a plan, taken in turns for a plan, and just before for a knob setting (each compiles
+anew).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import planner
+from bench.baselines_report import tradeoff_plot
+from planner.planning import BudgetExceeded, InfeasibleBudget, hold
+from planner.scenario import load_scenario
+from planner.step import TrainingStep, timed_ms
+from tests.third_party import MODELS
+
+KNOB = (0.8, 0.5, 0.2, 0.0)
+SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # of the way from the smallest planned peak to the unplanned one
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    if name == "gpt":
+        w = load_scenario("gpt").build("small", device="cpu", seed=0)
+        return w.model, w.batch, w.loss_closure()
+    model, batch = MODELS[name]()
+    return model, batch, None
+
+
+def measured(compiled, batch, loss_fn, optimizer, steps: int) -> tuple[int, float]:
+    """(allocator peak, median step ms) of the compiled step as it is now."""
+    m = planner.measure(compiled, batch, loss_fn=loss_fn, optimizer=optimizer, steps=steps, warmup=2)
+    return m.peak_bytes, m.step_ms
+
+
+def in_turns(compiled, batch, loss_fn, optimizer, steps: int, handle) -> float:
+    """Median planned step over the median unplanned one, taken in turns (Dynamo keeps both compiled)."""
+    step = TrainingStep.of(compiled, batch, loss_fn, optimizer)
+    plain, planned = [], []
+    for _ in range(steps):
+        handle.remove()
+        plain.append(timed_ms(step, torch.device("cpu")))
+        handle.install()
+        planned.append(timed_ms(step, torch.device("cpu")))
+    return statistics.median(planned) / statistics.median(plain) - 1
+
+
+def run(name: str, steps: int, log, directory: Path) -> list[dict]:
+    model, batch, loss_fn = build(name)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    compiled = torch.compile(model)
+    step_args = {"loss_fn": loss_fn, "optimizer": optimizer}
+    graph = planner.profile(model, batch, compiled=True, **step_args)
+
+    def row(method: str, predicted: int | None = None, **extra) -> dict:
+        peak, ms = measured(compiled, batch, loss_fn, optimizer, steps)
+        log(f"{name}: {method}: {peak / 2**20:.2f} MiB, {ms:.0f} ms")
+        return {"model": name, "method": method, "peak": peak, "step_ms": ms, "predicted": predicted, **extra}
+
+    unplanned = row("compiled, no plan", planner.simulate(graph).peak_bytes, overhead=0.0,
+                    hwm=high_water(name, directory))
+    rows = [unplanned]
+    for budget in KNOB:  # each timed against the unplanned step compiled again just before it
+        torch.compiler.reset()
+        reference = measured(compiled, batch, loss_fn, optimizer, steps)[1]
+        torch.compiler.reset()
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            r = row(f"activation_memory_budget={budget:g}", knob=budget)
+        rows.append({**r, "overhead": r["step_ms"] / reference - 1,
+                     "hwm": high_water(name, directory, knob=budget) if budget == 0.5 else None})
+    torch.compiler.reset()
+    knob_half = next(r["peak"] for r in rows if r.get("knob") == 0.5)
+    unplanned_bytes = unplanned["predicted"]
+    smallest = smallest_peak(graph)
+    budgets = [(f"planner, {share:.0%} of the way from its smallest peak", int(smallest + share * (unplanned_bytes - smallest)))
+               for share in SHARES]
+    budgets.append(("planner at activation_memory_budget=0.5's peak", knob_half))
+    for label, budget in budgets:
+        try:
+            handle = hold(compiled, graph, planner.plan(graph, budget), batch, **step_args)
+        except (InfeasibleBudget, BudgetExceeded) as err:
+            log(f"{name}: {label}: {err}")
+            rows.append({"model": name, "method": label, "budget": budget, "refused": str(err)})
+            continue
+        r = row(label, handle.plan.predicted_peak_bytes, budget=budget, plan=planner_summary(handle.plan))
+        r["overhead"] = in_turns(compiled, batch, loss_fn, optimizer, steps, handle)
+        handle.remove()
+        if label.startswith("planner at"):
+            planner.save_plan(handle.plan, directory / f"{name}.yaml")
+            r["hwm"] = high_water(name, directory, plan=directory / f"{name}.yaml")
+        rows.append(r)
+    return rows
+
+
+def high_water(name: str, directory: Path, knob: float | None = None, plan: Path | None = None) -> int:
+    """The compiled step's peak by the process's high-water mark, in a fresh process started with
+    MALLOC_MMAP_THRESHOLD_=65536 (so that freed tensors go back to the system): what existed before
+    the step and the rise over it."""
+    command = [sys.executable, "-m", "bench.compile", "--high-water", name]
+    command += ["--knob", str(knob)] if knob is not None else []
+    command += ["--plan", str(plan)] if plan is not None else []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    return int(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+
+def _one_high_water(name: str, knob: float | None, plan: str | None) -> int:
+    model, batch, loss_fn = build(name)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if plan is not None:
+        planner.apply(model, planner.load_plan(plan))
+    with torch._functorch.config.patch(activation_memory_budget=1.0 if knob is None else knob):
+        measurement = planner.measure(torch.compile(model), batch, loss_fn=loss_fn, optimizer=optimizer, steps=0, warmup=2)
+    return measurement.process_peak_bytes
+
+
+def smallest_peak(graph) -> int:
+    """The smallest peak any plan of the compiled step reaches, in bytes."""
+    try:
+        planner.plan(graph, 1)
+    except InfeasibleBudget as err:
+        return err.smallest_bytes
+    raise AssertionError("a budget of one byte was met")
+
+
+def planner_summary(plan) -> str:
+    regions = [c for c in plan.choices if c.action.value == "recompute"]
+    kept = sum(len(c.save_ops) for c in regions)
+    return f"{len(regions)} units recomputed" + (f", keeping {kept} operator calls" if kept else "")
+
+
+def table(rows: list[dict]) -> str:
+    mib = lambda b: f"{b / 2**20:.2f}"
+    lines = ["| model | method | budget MiB | peak MiB (allocator / high-water) | predicted MiB | step time | plan |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        budget = mib(r["budget"]) if r.get("budget") else ""
+        if "refused" in r:
+            smallest = r["refused"].rsplit("(", 1)[-1].rstrip(")")
+            lines.append(f"| {r['model']} | {r['method']} | {budget} | refused: the checked step needs at least {smallest} | | | |")
+            continue
+        hwm = f" / {mib(r['hwm'])}" if r.get("hwm") else ""
+        predicted = mib(r["predicted"]) if r["predicted"] else "—"
+        lines.append(f"| {r['model']} | {r['method']} | {budget} | {mib(r['peak'])}{hwm} | {predicted} | "
+                     f"{100 * r['overhead']:+.0f}% | {r.get('plan') or ''} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["gpt", "gpt2", "llama"], choices=["gpt", "gpt2", "llama"])
+    parser.add_argument("--steps", type=int, default=11)
+    parser.add_argument("--high-water", metavar="MODEL", help=argparse.SUPPRESS)  # one measurement, in its own process
+    parser.add_argument("--knob", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--plan", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.high_water:
+        print(_one_high_water(args.high_water, args.knob, args.plan))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        for name in args.models:
+            rows += run(name, args.steps, lambda text: print(text, flush=True), Path(directory))
+            Path("bench/compile.json").write_text(json.dumps(rows, indent=1))
+            plot(name, [r for r in rows if r["model"] == name and "peak" in r])
+    print(table(rows))
+
+
+def plot(name: str, rows: list[dict]) -> None:
+    points = lambda keep: [(r["peak"] / 2**20, 1 + r["overhead"]) for r in rows if keep(r["method"])]
+    methods = {"no plan": points(lambda m: m == "compiled, no plan"),
+               "activation_memory_budget": points(lambda m: m.startswith("activation")),
+               "planner": points(lambda m: m.startswith("planner"))}
+    tradeoff_plot(methods, f"{name} under torch.compile", "peak MiB (c10's allocator)", Path(f"bench/compile_{name}.png"))
+
+
+if __name__ == "__main__":
+    main()

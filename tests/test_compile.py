@@ -1,0 +1,101 @@
+"""Plans under torch.compile: the profile of the compiled step predicts it, a plan made for it runs
+compiled in either order a user writes (apply then compile, compile then auto) within its budget,
+with the losses of the compiled step without a plan, and a plan it cannot follow is refused."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import planner
+from planner.core.actions import Action, Choice
+from planner.execution.compiled import NotCompilable
+from planner.scenario import load_scenario
+from tests.third_party import MODELS
+
+STEPS = 3
+
+
+def gpt():
+    """The zoo's GPT (dropout, a keyword attention mask), its batch, loss and optimizer, the same at every call."""
+    w = load_scenario("gpt").build("small", device="cpu", seed=0)
+    return w.model, w.batch, w.loss_closure(), w.optimizer
+
+
+def hf_gpt2():
+    torch.manual_seed(0)
+    model, batch = MODELS["gpt2"]()
+    return model, batch, None, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def losses(model, batch, loss_fn, optimizer) -> list[float]:
+    """Losses of STEPS training steps of `model` as a user's loop runs them."""
+    torch.manual_seed(1)
+    out = []
+    for _ in range(STEPS):
+        output = model(*batch.args, **batch.kwargs) if isinstance(batch, planner.Batch) else model(**batch)
+        loss = output.loss if loss_fn is None else loss_fn(output)
+        del output
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out.append(loss.item())
+    return out
+
+
+@pytest.mark.parametrize("build", [gpt, hf_gpt2], ids=["gpt", "hf_gpt2"])
+def test_the_compiled_profile_predicts_the_compiled_step(build):
+    model, batch, loss_fn, optimizer = build()
+    graph = planner.profile(model, batch, loss_fn=loss_fn, optimizer=optimizer, compiled=True)
+    eager = planner.profile(model, batch, loss_fn=loss_fn, optimizer=optimizer)
+    measured = planner.measure(torch.compile(model), batch, loss_fn=loss_fn, optimizer=optimizer, steps=0)
+    predicted = planner.simulate(graph).peak_bytes
+    assert graph.compiled and planner.simulate(eager).peak_bytes > measured.peak_bytes  # compile saves less
+    assert abs(predicted / measured.peak_bytes - 1) < 0.02
+
+
+@pytest.mark.parametrize("order", ["apply, then compile", "compile, then auto"])
+def test_a_plan_for_the_compiled_step_holds_its_budget_with_the_same_losses(order):
+    model, batch, loss_fn, optimizer = gpt()
+    expected = losses(torch.compile(model), batch, loss_fn, optimizer)
+    torch.compiler.reset()
+
+    model, batch, loss_fn, optimizer = gpt()
+    budget = int(0.85 * planner.simulate(planner.profile(model, batch, loss_fn=loss_fn, optimizer=optimizer,
+                                                         compiled=True)).peak_bytes)
+    if order == "apply, then compile":
+        handle = planner.auto(model, batch, budget, loss_fn=loss_fn, optimizer=optimizer, compiled=True)
+        compiled = torch.compile(model)
+    else:
+        compiled = torch.compile(model)
+        handle = planner.auto(compiled, batch, budget, loss_fn=loss_fn, optimizer=optimizer)
+    plan = handle.plan
+    assert plan.compiled and plan.choices and all(len(c.units) == 1 and c.action is Action.RECOMPUTE for c in plan.choices)
+    assert handle.measured.peak_bytes <= budget
+    assert planner.measure(compiled, batch, loss_fn=loss_fn, optimizer=optimizer, steps=0).peak_bytes <= budget
+    torch.testing.assert_close(losses(compiled, batch, loss_fn, optimizer), expected, rtol=1e-5, atol=0)
+    handle.remove()
+
+
+def test_a_plan_a_compiled_step_cannot_follow_is_refused_there():
+    model, batch, loss_fn, optimizer = gpt()
+    graph = planner.profile(model, batch, loss_fn=loss_fn, optimizer=optimizer)
+    blocks = tuple(u.index for u in graph.units if u.name.startswith("blocks."))[:2]
+    plan = replace(planner.plan(graph, "100%", solver="none"), choices=(Choice(Action.RECOMPUTE, blocks),))
+    with planner.apply(model, plan), pytest.raises(NotCompilable, match="compiled=True"):
+        losses(torch.compile(model), batch, loss_fn, optimizer)
+    with pytest.raises(ValueError, match="offload does not run under torch.compile"):
+        planner.plan(planner.profile(model, batch, loss_fn=loss_fn, optimizer=optimizer, compiled=True), "90%",
+                     offload=True)
+
+
+def test_a_compiled_graph_with_the_eager_saved_bytes_is_the_eager_graph():
+    model, batch, loss_fn, optimizer = gpt()
+    graph = planner.profile(model, batch, loss_fn=loss_fn, optimizer=optimizer)
+    same = graph.as_compiled({u.index: u.saved_bytes for u in graph.units}, forwards=())
+    assert planner.simulate(same).peak_bytes == planner.simulate(graph).peak_bytes
+    nothing = graph.as_compiled(dict.fromkeys(range(len(graph.units)), 0), forwards=())
+    assert planner.simulate(nothing).peak_bytes < planner.simulate(graph).peak_bytes
+    assert all(u.saved_bytes == 0 for u in nothing.units)
