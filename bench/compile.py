@@ -102,8 +102,8 @@ def run(name: str, steps: int, log, directory: Path) -> list[dict]:
     knob_half = next(r["peak"] for r in rows if r.get("knob") == 0.5)
     unplanned_bytes = unplanned["predicted"]
     smallest = smallest_peak(graph)
-    budgets = [(f"planner, {share:.0%} of the way from its smallest peak", round(smallest + share * (unplanned_bytes - smallest)))
-               for share in SHARES]
+    budgets = [(f"planner, {share:.0%} of the way from its smallest peak",
+                round(smallest + share * (unplanned_bytes - smallest))) for share in SHARES]
     budgets.append(("planner at activation_memory_budget=0.5's peak", knob_half))
     for label, budget in budgets:
         try:
@@ -139,7 +139,8 @@ def _one_high_water(name: str, knob: float | None, plan: str | None) -> int:
     if plan is not None:
         planner.apply(model, planner.load_plan(plan))
     with torch._functorch.config.patch(activation_memory_budget=1.0 if knob is None else knob):
-        measurement = planner.measure(torch.compile(model), batch, loss_fn=loss_fn, optimizer=optimizer, steps=0, warmup=2)
+        compiled = torch.compile(model)
+        measurement = planner.measure(compiled, batch, loss_fn=loss_fn, optimizer=optimizer, steps=0, warmup=2)
     return measurement.process_peak_bytes
 
 
@@ -166,7 +167,8 @@ def table(rows: list[dict]) -> str:
         budget = mib(r["budget"]) if r.get("budget") else ""
         if "refused" in r:
             smallest = r["refused"].rsplit("(", 1)[-1].rstrip(")")
-            lines.append(f"| {r['model']} | {r['method']} | {budget} | refused: the checked step needs at least {smallest} | | | |")
+            refused = f"refused: the checked step needs at least {smallest}"
+            lines.append(f"| {r['model']} | {r['method']} | {budget} | {refused} | | | |")
             continue
         hwm = f" / {mib(r['hwm'])}" if r.get("hwm") else ""
         predicted = mib(r["predicted"]) if r["predicted"] else "—"
@@ -200,7 +202,8 @@ def plot(name: str, rows: list[dict]) -> None:
     methods = {"no plan": points(lambda m: m == "compiled, no plan"),
                "activation_memory_budget": points(lambda m: m.startswith("activation")),
                "planner": points(lambda m: m.startswith("planner"))}
-    tradeoff_plot(methods, f"{name} under torch.compile", "peak MiB (c10's allocator)", Path(f"bench/compile_{name}.png"))
+    path = Path(f"bench/compile_{name}.png")
+    tradeoff_plot(methods, f"{name} under torch.compile", "peak MiB (c10's allocator)", path)
 
 
 if __name__ == "__main__":

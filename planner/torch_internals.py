@@ -85,8 +85,9 @@ def fake_tensor_mode():
 
 class CpuScratch:
     """The most bytes c10's CPU allocator holds during one operator call beyond what it holds when the
-    call returns (or during a whole compiled step, whose kernels allocate outside the dispatcher), from the legacy autograd profiler's memory events (no kineto session: cheap, and
-    quiet). Unavailable where another profiler is running, or where this torch lacks the API
+    call returns (or during a whole compiled step, whose kernels allocate outside the dispatcher),
+    from the legacy autograd profiler's memory events (no kineto session: cheap, and quiet).
+    Unavailable where another profiler is running, or where this torch lacks the API
     (`_enable_profiler_legacy` with a `ProfilerConfig` of state, report_input_shapes, profile_memory,
     with_stack, with_flops, with_modules, experimental config; `_disable_profiler_legacy`)."""
 

@@ -289,8 +289,8 @@ class ProfiledGraph:
             if not saved and owner >= 0 and nbytes:
                 saved = self._made_by(owner)[:1]
                 if saved:
-                    unit = self.units[owner]
-                    blocks[saved[0]] = replace(blocks[saved[0]], savers=frozenset({owner}), free=unit.bwd_end or backward,
+                    end = self.units[owner].bwd_end or backward
+                    blocks[saved[0]] = replace(blocks[saved[0]], savers=frozenset({owner}), free=end,
                                                category=Category.ACTIVATIONS)
             if saved:
                 _resave(blocks, saved, nbytes)
@@ -300,7 +300,8 @@ class ProfiledGraph:
     def _made_by(self, unit: int) -> list[int]:
         """The blocks the unit's forward made that live beyond it, largest first."""
         end = self.units[unit].fwd_end
-        made = [i for i, b in enumerate(self.blocks) if b.owner == unit and b.phase is Phase.FORWARD and (b.free is None or b.free > end)]
+        made = [i for i, b in enumerate(self.blocks)
+                if b.owner == unit and b.phase is Phase.FORWARD and (b.free is None or b.free > end)]
         return sorted(made, key=lambda i: -self.blocks[i].bytes)
 
     def unit(self, key: str) -> Unit:

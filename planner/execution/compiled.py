@@ -71,7 +71,8 @@ def compiled_call(unit: Unit | NotCompilable | None, forward: Callable, args: tu
         return forward(*args, **kwargs)
     if not unit.save_ops:  # (Dynamo takes a context_fn made where it traces, not one read from outside)
         return ckpt.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return ckpt.checkpoint(forward, *args, use_reentrant=False, context_fn=functools.partial(_selective, unit.save_ops), **kwargs)
+    context_fn = functools.partial(_selective, unit.save_ops)
+    return ckpt.checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
 @torch.compiler.disable

@@ -19,7 +19,7 @@ import torch
 
 from planner.core.graph import Unit
 from planner.step import TrainingStep, preserved
-from planner.torch_internals import partitioning_backend, saved_for_backward
+from planner.torch_internals import forget_compiled_code, partitioning_backend, saved_for_backward
 
 _ROOT = re.compile(r"^L\[[^\]]+\](\[\d+\])*")
 _INDEX = re.compile(r"\[(\d+)\]")
@@ -33,6 +33,7 @@ def compiled_saved_bytes(train: TrainingStep, units: Sequence[Unit]) -> dict[int
     compiled = torch.compile(train.model, backend=partitioning_backend(lambda fw, bw: pairs.append((fw, bw))))
     with preserved(train.model, train.optimizer):
         TrainingStep(compiled, train.batch, train.loss_fn, train.optimizer, train.autocast_dtype)()
+    forget_compiled_code()  # what this backend compiled is not for the user's step
     by_name: dict[str, int] = defaultdict(int)
     names = sorted({u.name for u in units}, key=len, reverse=True)
     for forward, backward in pairs:
