@@ -49,6 +49,7 @@ def graph_to_dict(graph: ProfiledGraph, sim: Simulation | None = None) -> dict[s
         "other": asdict(graph.other),
         "calibration": _plain(asdict(graph.calibration)),
         "forwards": graph.forwards,
+        "compiled": graph.compiled,
     }
     if sim is not None:
         data["simulation"] = {
