@@ -32,6 +32,13 @@ flop_registry = _flop_counter.flop_registry
 _SHAPE_FORMULA = _flop_counter.shape_wrapper(lambda: 0).__code__
 
 
+def writes_inputs(func: torch._ops.OpOverload) -> bool:
+    """Whether the operator writes into any of its arguments (an in-place or `out=` form): its schema
+    marks one as written. An operator whose output merely shares an input's storage without it
+    (`_unsafe_view`, as `linear` ends on a batch of sequences) writes nothing."""
+    return func._schema.is_mutable
+
+
 def takes_shapes(formula: Callable) -> bool:
     """Whether a FLOP formula of `flop_registry` wants shapes (`formula.__wrapped__(*shapes, out_shape=...)`)."""
     return formula.__code__ is _SHAPE_FORMULA
@@ -162,6 +169,14 @@ def is_compiled(model: torch.nn.Module) -> bool:
 def original(model: torch.nn.Module) -> torch.nn.Module:
     """The module `torch.compile` compiled into `model`, or `model` itself."""
     return model._orig_mod if is_compiled(model) else model
+
+
+def side_effects_once_under_checkpoint() -> contextlib.AbstractContextManager:
+    """While on, Dynamo traces a checkpointed function that changes state outside it (Hugging Face's
+    hub-kernel layers set and reset a context variable in every forward) into the graph, and runs
+    the change once, in forward, as the step without a checkpoint does, instead of breaking the graph
+    there: `torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint`."""
+    return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
 
 
 def forget_compiled_code() -> None:

@@ -22,10 +22,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from planner.core.actions import EXPENSIVE_OPS, Action, Choice, Kept, Semantics, replay_peak
+from planner.core.actions import Action, Choice, Kept, Semantics, replay_peak
 from planner.core.costmodel import Roofline
 from planner.core.gpus import roofline_for
-from planner.core.graph import ProfiledGraph
+from planner.core.graph import EXPENSIVE_OPS, ProfiledGraph
 from planner.core.simulator import simulate
 
 MAX_SEGMENT_UNITS = 16

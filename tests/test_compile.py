@@ -4,13 +4,15 @@ with the losses of the compiled step without a plan, and a plan it cannot follow
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import pytest
 import torch
 
 import planner
-from planner.core.actions import Action, Choice
+from planner.core.actions import Action, Choice, Kept
+from planner.core.graph import EXPENSIVE_OPS
 from planner.execution.compiled import NotCompilable
 from planner.scenario import load_scenario
 from tests.third_party import MODELS
@@ -78,6 +80,34 @@ def test_a_plan_for_the_compiled_step_holds_its_budget_with_the_same_losses(orde
     assert planner.measure(compiled, batch, loss_fn=loss_fn, optimizer=optimizer, steps=0).peak_bytes <= budget
     torch.testing.assert_close(losses(compiled, batch, loss_fn, optimizer), expected, rtol=1e-5, atol=0)
     handle.remove()
+
+
+def test_recomputed_layers_of_a_hugging_face_llama_compile_whole_and_keep_their_matmuls_as_predicted():
+    torch.manual_seed(0)
+    model, batch = MODELS["llama"]()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    graph = planner.profile(model, batch, optimizer=optimizer, compiled=True)
+    layers = [u for u in graph.units if u.kind == "LlamaDecoderLayer"]
+    kept = [frozenset(Kept(u.index, op.name, op.call) for op in u.ops if op.name in EXPENSIVE_OPS and op.saved_bytes)
+            for u in layers]
+    choices = tuple(Choice(Action.RECOMPUTE, (u.index,), k) for u, k in zip(layers, kept))
+    plan = replace(planner.plan(graph, "100%", solver="none"), choices=choices)
+    assert all(kept)
+
+    def graphs(plan) -> int:
+        """Graphs Dynamo makes of a step (a graph break makes more)."""
+        made = []
+        compiled = torch.compile(model, backend=lambda gm, inputs: made.append(gm) or gm.forward)
+        with planner.apply(model, plan) if plan else contextlib.nullcontext():
+            planner.measure(compiled, batch, optimizer=optimizer, steps=0, warmup=0)
+        torch.compiler.reset()
+        return len(made)
+
+    assert graphs(plan) == graphs(None)
+    handle = planner.apply(model, plan)
+    measured = planner.measure(torch.compile(model), batch, optimizer=optimizer, steps=0).peak_bytes
+    handle.remove()
+    assert abs(planner.simulate(graph, choices).peak_bytes / measured - 1) < 0.05
 
 
 def test_a_plan_a_compiled_step_cannot_follow_is_refused_there():

@@ -23,23 +23,7 @@ from enum import Enum
 from typing import NamedTuple
 
 from planner.core.costmodel import Roofline
-from planner.core.graph import Block, Category, Phase, ProfiledGraph
-
-# Operators worth keeping saved inside a recomputed unit: much compute per byte.
-EXPENSIVE_OPS = frozenset(
-    {
-        "aten.mm",
-        "aten.addmm",
-        "aten.bmm",
-        "aten.baddbmm",
-        "aten.convolution",
-        "aten._scaled_dot_product_flash_attention",
-        "aten._scaled_dot_product_flash_attention_for_cpu",
-        "aten._scaled_dot_product_efficient_attention",
-        "aten._scaled_dot_product_cudnn_attention",
-    }
-)
-
+from planner.core.graph import EXPENSIVE_OPS, Block, Category, Phase, ProfiledGraph
 
 class Action(str, Enum):
     KEEP = "keep"
@@ -312,9 +296,10 @@ class Semantics:
         return max(0.0, copy - self._later_fwd_ms[unit]) + max(0.0, copy - (nxt.bwd_ms if nxt else 0.0))
 
     def _fixed_ms(self, choice: Choice, storages: int) -> float:
-        """The executor's own cost of a choice that frees `storages` storages (measured per device)."""
+        """The executor's own cost of a choice that frees `storages` storages (measured per device); none
+        in a compiled step, where the checkpoints were traced away."""
         m = self.roofline.mechanism
-        if m is None:
+        if m is None or self.graph.compiled:
             return 0.0
         if choice.action is Action.OFFLOAD:
             return m.offload_ms + m.offload_storage_ms * storages

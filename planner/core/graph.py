@@ -45,6 +45,23 @@ class Phase(str, Enum):
     OPTIMIZER = "optimizer"
 
 
+# Operators with much compute per byte: worth keeping saved inside a recomputed unit, and what
+# compiled code runs as eager code does (it fuses the others).
+EXPENSIVE_OPS = frozenset(
+    {
+        "aten.mm",
+        "aten.addmm",
+        "aten.bmm",
+        "aten.baddbmm",
+        "aten.convolution",
+        "aten._scaled_dot_product_flash_attention",
+        "aten._scaled_dot_product_flash_attention_for_cpu",
+        "aten._scaled_dot_product_efficient_attention",
+        "aten._scaled_dot_product_cudnn_attention",
+    }
+)
+
+
 @dataclass(frozen=True)
 class Op:
     """One operator call inside a unit's forward.
@@ -102,6 +119,13 @@ class Unit:
     def key(self) -> str:
         """Stable identifier: `name#call`."""
         return f"{self.name or '<root>'}#{self.call}"
+
+    def fused(self, share: float) -> Unit:
+        """This unit with its forward's operators outside EXPENSIVE_OPS taking `share` of their time, as
+        compiled code that fuses them runs them."""
+        heavy = sum(op.ms for op in self.ops if op.name in EXPENSIVE_OPS)
+        ops = tuple(op if op.name in EXPENSIVE_OPS else replace(op, ms=op.ms * share) for op in self.ops)
+        return replace(self, ops=ops, fwd_ms=heavy + share * (self.fwd_ms - heavy))
 
 
 @dataclass(frozen=True)
@@ -267,7 +291,9 @@ class ProfiledGraph:
         n = len(self.units)
         return len(self.chain_links()) == n - 1 and all((i, i + 1) in set(self.edges) for i in range(n - 1))
 
-    def as_compiled(self, saved_bytes: dict[int, int], forwards: Sequence[tuple[int, int]]) -> ProfiledGraph:
+    def as_compiled(
+        self, saved_bytes: dict[int, int], forwards: Sequence[tuple[int, int]], speedup: tuple[float, float] = (1.0, 1.0)
+    ) -> ProfiledGraph:
         """This step as torch.compile runs it, where the forward of unit u saves `saved_bytes[u]` for
         backward (what the partitioner chose) instead of what the eager step saved, and the model's
         code outside every unit, during `forwards` (first and last tick of each forward of the model),
@@ -275,7 +301,11 @@ class ProfiledGraph:
         rest, or its largest grown by what is missing; the others live only until their last use in
         the forward, as values a compiled forward does not keep. A unit that saved nothing in eager
         (its output was saved as another's) keeps its largest block until its backward is over. Code
-        outside the model (the loss, the optimizer) stays as it ran."""
+        outside the model (the loss, the optimizer) stays as it ran.
+
+        `speedup` is the compiled forward's time and the compiled step's over the eager ones'. The step
+        takes the second; in the forward, the operators of EXPENSIVE_OPS keep their eager times and the
+        others, which compiled code fuses, share what is left of the units' forward time."""
         backward = self.phases[Phase.BACKWARD][0]
         groups: dict[int, list[int]] = {}
         for i, b in enumerate(self.blocks):
@@ -294,8 +324,12 @@ class ProfiledGraph:
                                                category=Category.ACTIVATIONS)
             if saved:
                 _resave(blocks, saved, nbytes)
-        units = tuple(replace(u, saved_bytes=saved_bytes.get(u.index, u.saved_bytes)) for u in self.units)
-        return replace(self, blocks=tuple(blocks), units=units, compiled=True)
+        forward, step = speedup
+        heavy = sum(op.ms for u in self.units for op in u.ops if op.name in EXPENSIVE_OPS)
+        light = sum(u.fwd_ms for u in self.units) - heavy
+        fused = min(1.0, max(0.0, (forward * (heavy + light) - heavy) / light)) if light > 0 else 1.0
+        units = tuple(replace(u.fused(fused), saved_bytes=saved_bytes.get(u.index, u.saved_bytes)) for u in self.units)
+        return replace(self, blocks=tuple(blocks), units=units, step_ms=self.step_ms * step, compiled=True)
 
     def _made_by(self, unit: int) -> list[int]:
         """The blocks the unit's forward made that live beyond it, largest first."""

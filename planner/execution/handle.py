@@ -25,7 +25,7 @@ from planner.core.plan import Plan
 from planner.execution.compiled import compiled_call, static_choices
 from planner.execution.offload import Offloader
 from planner.execution.recompute import Regions
-from planner.torch_internals import forget_compiled_code, original
+from planner.torch_internals import forget_compiled_code, original, side_effects_once_under_checkpoint
 from planner.units import buffers_of, fingerprint
 
 
@@ -82,6 +82,7 @@ class Handle:
         self.seen: set[tuple[str, int]] = set()
         self.measured = None
         self._hooks: list = []
+        self._config = contextlib.ExitStack()
 
     # Installation.
     def install(self) -> None:
@@ -92,6 +93,7 @@ class Handle:
             self.model.register_forward_pre_hook(self._begin),
             self.model.register_forward_hook(self._end, always_call=True),
         ]
+        self._config.enter_context(side_effects_once_under_checkpoint())  # no graph break per compiled unit
 
     def remove(self) -> None:
         for name in self.names:
@@ -99,6 +101,7 @@ class Handle:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._config.close()
 
     def __enter__(self) -> Handle:
         return self

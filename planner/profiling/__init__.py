@@ -24,7 +24,7 @@ from torch import nn
 
 from planner.core.graph import Calibration, Category, Phase, ProfiledGraph
 from planner.execution.calibration import host_copy_bytes_per_s, mechanism
-from planner.profiling.compiled import compiled_saved_bytes
+from planner.profiling.compiled import compiled_saved_bytes, compiled_speedup
 from planner.profiling.freeze import freeze
 from planner.profiling.recorder import Recorder, unit_hooks
 from planner.profiling.survey import survey_units
@@ -94,7 +94,9 @@ def profile(
     if held is not None:
         sizes[Category.WORKSPACE] = max(0, held - sum(sizes.values()))
     graph = freeze(model, device, rec, sizes, rec.grads or [], opt_state, first_step_bytes, calibration)
-    return graph.as_compiled(compiled_saved_bytes(train, graph.units), forwards) if compiled else graph
+    if not compiled:
+        return graph
+    return graph.as_compiled(compiled_saved_bytes(train, graph.units), forwards, compiled_speedup(train))
 
 
 def _measured_calibration(device: torch.device, host_busy: float) -> Calibration:

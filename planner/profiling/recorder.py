@@ -20,7 +20,7 @@ from torch import nn
 
 from planner.core import costmodel
 from planner.core.graph import Phase
-from planner.torch_internals import flop_registry, in_backward, takes_shapes
+from planner.torch_internals import flop_registry, in_backward, takes_shapes, writes_inputs
 from planner.tracking import StorageTracker, allocated_bytes, public_state, storage_bytes, storage_key, tensors_held, tensors_in
 from planner.units import buffers_of
 
@@ -204,8 +204,8 @@ class Recorder(StorageTracker):
             if unit is not None:
                 call = unit.op_calls.get(self.op_name, 0)
                 unit.op_calls[self.op_name] = call + 1
-            # an operator's outputs that share an input's storage wrote into it, unless it is a view
-            written = set() if func.is_view else {storage_key(t) for t in outs} & inputs
+            # an operator's outputs that share an input's storage wrote into it, if its schema says so
+            written = {storage_key(t) for t in outs} & inputs if writes_inputs(func) else set()
             self._trace_forward(inputs, new, written, call)
             if unit is not None:
                 random = _draws_random(func, args, kwargs)
