@@ -23,7 +23,7 @@ from enum import Enum
 from typing import NamedTuple
 
 from planner.core.costmodel import Roofline
-from planner.core.graph import EXPENSIVE_OPS, Block, Category, Phase, ProfiledGraph
+from planner.core.graph import Block, Category, Phase, ProfiledGraph
 
 class Action(str, Enum):
     KEEP = "keep"

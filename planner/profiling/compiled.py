@@ -68,14 +68,14 @@ def compiled_speedup(train: TrainingStep) -> tuple[float, float]:
 def _phase_ms(train: TrainingStep, warmup: int = 2) -> tuple[float, float]:
     """The least ms of the forward (with the loss) and of the whole step."""
     sync = torch.cuda.synchronize if train.device.type == "cuda" else lambda: None
+    marks: dict[Phase | None, float] = {}
+
+    def mark(phase: Phase | None = None) -> None:
+        sync()
+        marks[phase] = time.perf_counter()
+
     forward, whole = [], []
     for i in range(warmup + TIMED_STEPS):
-        marks: dict[Phase | None, float] = {}
-
-        def mark(phase: Phase | None = None) -> None:
-            sync()
-            marks[phase] = time.perf_counter()
-
         train(mark)
         mark()
         if i >= warmup:
