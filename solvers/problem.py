@@ -179,12 +179,15 @@ def kept_sets(graph: ProfiledGraph, units: tuple[int, ...], written: set[tuple[i
     of one unit, a few more points of its front of (bytes kept, recompute time saved), the calls whose
     outputs autograd saved taken in order of time saved per byte they hold, until they save a quarter,
     half and three quarters of all their time. A call that draws random numbers is never kept (the
-    replay would draw the rest from another place in the stream), nor one whose output is written later."""
+    replay would draw the rest from another place in the stream), nor one whose output is written later.
+    Under torch.compile only expensive operators' calls are: compiled code fuses the others, and what
+    the partitioner saves around one kept saved is its own choice."""
     calls = [
         (op.ms / op.out_bytes, Kept(u, op.name, op.call), op.ms)
         for u in units
         for op in graph.units[u].ops
         if op.saved_bytes and op.ms > 0 and not op.random and (u, op.name, op.call) not in written
+        and (op.name in EXPENSIVE_OPS or not graph.compiled)
     ]
     sets = {frozenset(k for _, k, _ in calls if k.op in EXPENSIVE_OPS)}
     if len(units) > 1:

@@ -223,7 +223,7 @@ class Calibration:
 
 
 def _resave(blocks: list[Block], saved: list[int], total: int) -> None:
-    """Blocks `saved` (largest first) as saved blocks holding `total` bytes together (see
+    """Blocks `saved` (in the order they are to be kept) as saved blocks holding `total` bytes together (see
     `ProfiledGraph.as_compiled`)."""
     left, kept = total, []
     for i in saved:
@@ -237,6 +237,16 @@ def _resave(blocks: list[Block], saved: list[int], total: int) -> None:
     for i in dropped:
         b = blocks[i]
         blocks[i] = replace(b, savers=frozenset(), free=max(b.alloc, b.last_use or b.alloc) + 1)
+
+
+def _stay_saved(blocks: list[Block], freed: list[int], frees: int) -> None:
+    """Of `freed` (largest first), blocks outside EXPENSIVE_OPS beyond what frees `frees` bytes, as saved
+    outside every unit too (see `ProfiledGraph.as_compiled`)."""
+    extra = sum(blocks[i].bytes for i in freed) - max(frees, 0)
+    for i in freed:
+        if 0 < blocks[i].bytes <= extra and blocks[i].op not in EXPENSIVE_OPS:
+            blocks[i] = replace(blocks[i], savers=blocks[i].savers | {-1})
+            extra -= blocks[i].bytes
 
 
 @dataclass(frozen=True)
@@ -292,16 +302,26 @@ class ProfiledGraph:
         return len(self.chain_links()) == n - 1 and all((i, i + 1) in set(self.edges) for i in range(n - 1))
 
     def as_compiled(
-        self, saved_bytes: dict[int, int], forwards: Sequence[tuple[int, int]], speedup: tuple[float, float] = (1.0, 1.0)
+        self,
+        saved_bytes: dict[int, int],
+        forwards: Sequence[tuple[int, int]],
+        speedup: tuple[float, float] = (1.0, 1.0),
+        recomputed_bytes: dict[int, int] | None = None,
     ) -> ProfiledGraph:
         """This step as torch.compile runs it, where the forward of unit u saves `saved_bytes[u]` for
         backward (what the partitioner chose) instead of what the eager step saved, and the model's
         code outside every unit, during `forwards` (first and last tick of each forward of the model),
-        `saved_bytes[-1]`. Each keeps its largest saved blocks that fit its total, one more cut to the
-        rest, or its largest grown by what is missing; the others live only until their last use in
+        `saved_bytes[-1]`. Each keeps the saved blocks that fit its total, those another unit saves or
+        reads first, then expensive operators' outputs (compile recomputes neither), then the largest;
+        one more cut to the rest, or its first grown by what is missing; the others live only until their last use in
         the forward, as values a compiled forward does not keep. A unit that saved nothing in eager
         (its output was saved as another's) keeps its largest block until its backward is over. Code
         outside the model (the loss, the optimizer) stays as it ran.
+
+        `recomputed_bytes[u]` is what unit u's forward still saves where it is recomputed: where that
+        is more than the blocks that recomputing u alone would leave saved, some of those it would free
+        (largest first, outside EXPENSIVE_OPS) are marked as saved outside every unit too, so that no
+        plan counts them as freed.
 
         `speedup` is the compiled forward's time and the compiled step's over the eager ones'. The step
         takes the second; in the forward, the operators of EXPENSIVE_OPS keep their eager times and the
@@ -314,8 +334,17 @@ class ProfiledGraph:
                 if owner >= 0 or any(first <= b.alloc <= last for first, last in forwards):
                     groups.setdefault(owner, []).append(i)
         blocks = list(self.blocks)
+        read: dict[int, set[int]] = {}
+        for u in self.units:
+            for i in u.inputs:
+                read.setdefault(i, set()).add(u.index)
+
+        def first(i: int) -> tuple[bool, bool, int]:  # what another unit needs too, what compile never recomputes
+            b = blocks[i]
+            return b.savers | read.get(i, set()) <= {b.owner}, b.op not in EXPENSIVE_OPS, -b.bytes
+
         for owner, nbytes in saved_bytes.items():
-            saved = sorted(groups.get(owner, []), key=lambda i: -blocks[i].bytes)
+            saved = sorted(groups.get(owner, []), key=first)
             if not saved and owner >= 0 and nbytes:
                 saved = self._made_by(owner)[:1]
                 if saved:
@@ -324,12 +353,23 @@ class ProfiledGraph:
                                                category=Category.ACTIVATIONS)
             if saved:
                 _resave(blocks, saved, nbytes)
+        for u, nbytes in (recomputed_bytes or {}).items():
+            if u >= 0:
+                _stay_saved(blocks, self._freed_by(blocks, u), saved_bytes.get(u, 0) - nbytes)
         forward, step = speedup
         heavy = sum(op.ms for u in self.units for op in u.ops if op.name in EXPENSIVE_OPS)
         light = sum(u.fwd_ms for u in self.units) - heavy
         fused = min(1.0, max(0.0, (forward * (heavy + light) - heavy) / light)) if light > 0 else 1.0
         units = tuple(replace(u.fused(fused), saved_bytes=saved_bytes.get(u.index, u.saved_bytes)) for u in self.units)
         return replace(self, blocks=tuple(blocks), units=units, step_ms=self.step_ms * step, compiled=True)
+
+    def _freed_by(self, blocks: list[Block], unit: int) -> list[int]:
+        """The saved blocks of `blocks` that recomputing `unit` alone frees: it made them, only it saved
+        them and no other unit reads them; largest first."""
+        read = {i for u in self.units if u.index != unit for i in u.inputs}
+        freed = [i for i, b in enumerate(blocks) if b.owner == unit and b.savers == {unit} and i not in read
+                 and b.category is Category.ACTIVATIONS and b.phase is Phase.FORWARD]
+        return sorted(freed, key=lambda i: -blocks[i].bytes)
 
     def _made_by(self, unit: int) -> list[int]:
         """The blocks the unit's forward made that live beyond it, largest first."""

@@ -96,7 +96,8 @@ def profile(
     graph = freeze(model, device, rec, sizes, rec.grads or [], opt_state, first_step_bytes, calibration)
     if not compiled:
         return graph
-    return graph.as_compiled(compiled_saved_bytes(train, graph.units), forwards, compiled_speedup(train))
+    saved, recomputed = compiled_saved_bytes(train, graph.units)
+    return graph.as_compiled(saved, forwards, compiled_speedup(train), recomputed)
 
 
 def _measured_calibration(device: torch.device, host_busy: float) -> Calibration:

@@ -12,43 +12,64 @@ timed with the model compiled as torch.compile does by default.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 import torch
+from torch.utils import checkpoint
 
 from planner.core.graph import Phase, Unit
 from planner.step import TrainingStep, preserved
-from planner.torch_internals import forget_compiled_code, partitioning_backend, saved_for_backward
+from planner.torch_internals import (
+    forget_compiled_code,
+    partitioning_backend,
+    saved_for_backward,
+    side_effects_once_under_checkpoint,
+)
 
 _ROOT = re.compile(r"^L\[[^\]]+\](\[\d+\])*")
 _INDEX = re.compile(r"\[(\d+)\]")
 _KEY = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]|\[['\"]([^'\"]+)['\"]\]")
 
 
-def compiled_saved_bytes(train: TrainingStep, units: Sequence[Unit]) -> dict[int, int]:
-    """Bytes the compiled step's forward saves for backward, by unit index (-1: outside every unit).
-    Runs one training step of `train.model` compiled (its state is restored)."""
+def compiled_saved_bytes(train: TrainingStep, units: Sequence[Unit]) -> tuple[dict[int, int], dict[int, int]]:
+    """Bytes the compiled step's forward saves for backward, by unit index (-1: outside every unit):
+    as it is, and where every unit is recomputed (a checkpoint each, keeping nothing), what each
+    still saves (the values its replay takes that come from outside it, such as a mask it made for
+    all layers). Runs two training steps of `train.model` compiled (its state is restored)."""
+    modules = dict(train.model.named_modules())
+    names = sorted({u.name for u in units}, key=len, reverse=True)
+    saved = _saved_by_unit(train, names)
+    with contextlib.ExitStack() as undo:
+        undo.enter_context(side_effects_once_under_checkpoint())
+        for name in names:
+            module = modules[name]
+            module.forward = functools.partial(checkpoint.checkpoint, module.forward, use_reentrant=False)
+            undo.callback(module.__dict__.pop, "forward")
+        recomputed = _saved_by_unit(train, names)
+    calls = Counter(u.name for u in units)
+    per_call = lambda by_name: {u.index: by_name.get(u.name, 0) // calls[u.name] for u in units} | {-1: by_name.get(None, 0)}
+    return per_call(saved), per_call(recomputed)
+
+
+def _saved_by_unit(train: TrainingStep, names: list[str]) -> dict[str | None, int]:
+    """What one compiled step saves for backward, by the unit (of `names`, longest first) that made it."""
     pairs: list[tuple[torch.fx.GraphModule, torch.fx.GraphModule]] = []
     compiled = torch.compile(train.model, backend=partitioning_backend(lambda fw, bw: pairs.append((fw, bw))))
     with preserved(train.model, train.optimizer):
         TrainingStep(compiled, train.batch, train.loss_fn, train.optimizer, train.autocast_dtype)()
     forget_compiled_code()  # what this backend compiled is not for the user's step
-    by_name: dict[str, int] = defaultdict(int)
-    names = sorted({u.name for u in units}, key=len, reverse=True)
+    by_name: dict[str | None, int] = defaultdict(int)
     for forward, backward in pairs:
         for node in saved_for_backward(forward, backward):
             value = node.meta.get("val")
             if isinstance(value, torch.Tensor):
                 by_name[_unit_of(node, names)] += value.untyped_storage().nbytes()
-    calls: dict[str, list[int]] = defaultdict(list)
-    for u in units:
-        calls[u.name].append(u.index)
-    saved = {u.index: by_name.get(u.name, 0) // len(calls[u.name]) for u in units}
-    saved[-1] = by_name.get(None, 0)
-    return saved
+    return by_name
 
 
 TIMED_STEPS = 5
