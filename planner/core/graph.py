@@ -240,8 +240,9 @@ def _resave(blocks: list[Block], saved: list[int], total: int) -> None:
 
 
 def _stay_saved(blocks: list[Block], freed: list[int], frees: int) -> None:
-    """Of `freed` (largest first), blocks outside EXPENSIVE_OPS beyond what frees `frees` bytes, as saved
-    outside every unit too (see `ProfiledGraph.as_compiled`)."""
+    """Of `freed`, the saved blocks (largest first) that recomputing their unit alone frees in the model,
+    those outside EXPENSIVE_OPS beyond the `frees` bytes it frees compiled, as saved outside every unit
+    too (see `ProfiledGraph.as_compiled`)."""
     extra = sum(blocks[i].bytes for i in freed) - max(frees, 0)
     for i in freed:
         if 0 < blocks[i].bytes <= extra and blocks[i].op not in EXPENSIVE_OPS:
@@ -313,8 +314,8 @@ class ProfiledGraph:
         code outside every unit, during `forwards` (first and last tick of each forward of the model),
         `saved_bytes[-1]`. Each keeps the saved blocks that fit its total, those another unit saves or
         reads first, then expensive operators' outputs (compile recomputes neither), then the largest;
-        one more cut to the rest, or its first grown by what is missing; the others live only until their last use in
-        the forward, as values a compiled forward does not keep. A unit that saved nothing in eager
+        one more cut to the rest, or its first grown by what is missing; the others live only until
+        their last use in the forward, as values a compiled forward does not keep. A unit that saved nothing in eager
         (its output was saved as another's) keeps its largest block until its backward is over. Code
         outside the model (the loss, the optimizer) stays as it ran.
 
@@ -355,21 +356,15 @@ class ProfiledGraph:
                 _resave(blocks, saved, nbytes)
         for u, nbytes in (recomputed_bytes or {}).items():
             if u >= 0:
-                _stay_saved(blocks, self._freed_by(blocks, u), saved_bytes.get(u, 0) - nbytes)
+                freed = [i for i, b in enumerate(blocks) if b.owner == u and b.savers == {u} and read.get(i, {u}) == {u}
+                         and b.category is Category.ACTIVATIONS and b.phase is Phase.FORWARD]
+                _stay_saved(blocks, sorted(freed, key=lambda i: -blocks[i].bytes), saved_bytes.get(u, 0) - nbytes)
         forward, step = speedup
         heavy = sum(op.ms for u in self.units for op in u.ops if op.name in EXPENSIVE_OPS)
         light = sum(u.fwd_ms for u in self.units) - heavy
         fused = min(1.0, max(0.0, (forward * (heavy + light) - heavy) / light)) if light > 0 else 1.0
         units = tuple(replace(u.fused(fused), saved_bytes=saved_bytes.get(u.index, u.saved_bytes)) for u in self.units)
         return replace(self, blocks=tuple(blocks), units=units, step_ms=self.step_ms * step, compiled=True)
-
-    def _freed_by(self, blocks: list[Block], unit: int) -> list[int]:
-        """The saved blocks of `blocks` that recomputing `unit` alone frees: it made them, only it saved
-        them and no other unit reads them; largest first."""
-        read = {i for u in self.units if u.index != unit for i in u.inputs}
-        freed = [i for i, b in enumerate(blocks) if b.owner == unit and b.savers == {unit} and i not in read
-                 and b.category is Category.ACTIVATIONS and b.phase is Phase.FORWARD]
-        return sorted(freed, key=lambda i: -blocks[i].bytes)
 
     def _made_by(self, unit: int) -> list[int]:
         """The blocks the unit's forward made that live beyond it, largest first."""

@@ -48,12 +48,23 @@ def compiled_saved_bytes(train: TrainingStep, units: Sequence[Unit]) -> tuple[di
         undo.enter_context(side_effects_once_under_checkpoint())
         for name in names:
             module = modules[name]
+            undo.callback(_put_back, module, vars(module).get("forward"))
             module.forward = functools.partial(checkpoint.checkpoint, module.forward, use_reentrant=False)
-            undo.callback(module.__dict__.pop, "forward")
         recomputed = _saved_by_unit(train, names)
     calls = Counter(u.name for u in units)
-    per_call = lambda by_name: {u.index: by_name.get(u.name, 0) // calls[u.name] for u in units} | {-1: by_name.get(None, 0)}
+
+    def per_call(by_name: dict[str | None, int]) -> dict[int, int]:
+        return {u.index: by_name.get(u.name, 0) // calls[u.name] for u in units} | {-1: by_name.get(None, 0)}
+
     return per_call(saved), per_call(recomputed)
+
+
+def _put_back(module: torch.nn.Module, forward) -> None:
+    """The module's own `forward` again (None: its class's)."""
+    if forward is None:
+        vars(module).pop("forward", None)
+    else:
+        module.forward = forward
 
 
 def _saved_by_unit(train: TrainingStep, names: list[str]) -> dict[str | None, int]:
@@ -79,7 +90,8 @@ def compiled_speedup(train: TrainingStep) -> tuple[float, float]:
     """The compiled forward's time and the compiled step's over the eager ones', each the least of
     TIMED_STEPS steps after two to warm up (and compile). Runs steps of `train.model` (its state is
     restored)."""
-    compiled = TrainingStep(torch.compile(train.model), train.batch, train.loss_fn, train.optimizer, train.autocast_dtype)
+    model = torch.compile(train.model)
+    compiled = TrainingStep(model, train.batch, train.loss_fn, train.optimizer, train.autocast_dtype)
     with preserved(train.model, train.optimizer):
         eager, fast = _phase_ms(train), _phase_ms(compiled)
     forget_compiled_code()  # the user's step compiles anew, with the plan
