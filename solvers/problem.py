@@ -175,23 +175,22 @@ def candidate_choices(graph: ProfiledGraph, max_segment_units: int, offload: boo
 
 
 def kept_sets(graph: ProfiledGraph, units: tuple[int, ...], written: set[tuple[int, str, int]]) -> list[frozenset[Kept]]:
-    """Operator calls a region of `units` may keep saved: its expensive operators' calls; and in a region
-    of one unit, a few more points of its front of (bytes kept, recompute time saved), the calls whose
-    outputs autograd saved taken in order of time saved per byte they hold, until they save a quarter,
-    half and three quarters of all their time. A call that draws random numbers is never kept (the
-    replay would draw the rest from another place in the stream), nor one whose output is written later.
-    Under torch.compile only expensive operators' calls are: compiled code fuses the others, and what
-    the partitioner saves around one kept saved is its own choice."""
+    """Operator calls a region of `units` may keep saved: its expensive operators' calls; and a few points
+    of its front of (bytes kept, recompute time saved), the calls whose outputs autograd saved taken in
+    order of time saved per byte they hold, until they save a quarter, half and three quarters of all
+    their time. In a region of several units (whose options are many) and under torch.compile (where
+    compiled code fuses the others, and what the partitioner saves around one kept is its own choice),
+    the front is of expensive operators' calls only. A call that draws random numbers is never kept (the
+    replay would draw the rest from another place in the stream), nor one whose output is written later."""
     calls = [
         (op.ms / op.out_bytes, Kept(u, op.name, op.call), op.ms)
         for u in units
         for op in graph.units[u].ops
         if op.saved_bytes and op.ms > 0 and not op.random and (u, op.name, op.call) not in written
-        and (op.name in EXPENSIVE_OPS or not graph.compiled)
     ]
     sets = {frozenset(k for _, k, _ in calls if k.op in EXPENSIVE_OPS)}
-    if len(units) > 1:
-        return [s for s in sets if s]
+    if len(units) > 1 or graph.compiled:
+        calls = [c for c in calls if c[1].op in EXPENSIVE_OPS]
     calls.sort(key=lambda c: -c[0])
     total_ms, ms, prefix = sum(c[2] for c in calls), 0.0, []
     shares = iter(FRONT_SHARES)
