@@ -112,10 +112,7 @@ class Semantics:
         for u in reversed(graph.units[1:]):
             later.append(later[-1] + u.fwd_ms)
         self._later_fwd_ms = later[::-1]
-        self._readers: dict[int, set[int]] = {}  # block -> units that take it as an input
-        for u in graph.units:
-            for i in u.inputs:
-                self._readers.setdefault(i, set()).add(u.index)
+        self._readers = graph.readers()  # block -> units that take it as an input
         self._made: dict[int, list[int]] = {}  # unit -> the blocks its forward allocated, in order
         self._by_call: dict[tuple, list[int]] = {}  # (unit, op, call) and (unit, op, None) -> the blocks they made
         for i, b in enumerate(graph.blocks):

@@ -287,6 +287,14 @@ class ProfiledGraph:
         g.add_edges_from(self.edges)
         return g
 
+    def readers(self) -> dict[int, set[int]]:
+        """Block -> the units that take it as an input."""
+        read: dict[int, set[int]] = {}
+        for u in self.units:
+            for i in u.inputs:
+                read.setdefault(i, set()).add(u.index)
+        return read
+
     def chain_links(self) -> set[tuple[int, int]]:
         """Edges u->v where u feeds only v and v reads only from u."""
         g = self.dag()
@@ -335,10 +343,7 @@ class ProfiledGraph:
                 if owner >= 0 or any(first <= b.alloc <= last for first, last in forwards):
                     groups.setdefault(owner, []).append(i)
         blocks = list(self.blocks)
-        read: dict[int, set[int]] = {}
-        for u in self.units:
-            for i in u.inputs:
-                read.setdefault(i, set()).add(u.index)
+        read = self.readers()
 
         def first(i: int) -> tuple[bool, bool, int]:  # what another unit needs too, what compile never recomputes
             b = blocks[i]
