@@ -29,7 +29,9 @@ from planner.core.graph import EXPENSIVE_OPS, ProfiledGraph
 from planner.core.simulator import simulate
 
 MAX_SEGMENT_UNITS = 16
-FRONT_SHARES = (0.25, 0.5, 0.75)  # of a region's recompute time that its kept operator calls save
+# of a region's recompute time that its kept operator calls save: the points of its front (fewer for a
+# region of several units, whose options are many)
+FRONT_SHARES = {1: (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), 2: (0.25, 0.5, 0.75)}  # by units: 1, several
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ def candidate_choices(graph: ProfiledGraph, max_segment_units: int, offload: boo
     segment links, in full and keeping saved the outputs of some of its operator calls (`kept_sets`)."""
     links = graph.segment_links()
     written = {(b.owner, b.op, b.op_call) for b in graph.blocks if b.mutated}
+    draws = random_draws(graph)
     choices = []
     for u in range(len(graph.units)):
         if offload:
@@ -167,36 +170,60 @@ def candidate_choices(graph: ProfiledGraph, max_segment_units: int, offload: boo
         while True:
             units = tuple(range(u, end + 1))
             choices.append(Choice(Action.RECOMPUTE, units))
-            choices.extend(Choice(Action.RECOMPUTE, units, kept) for kept in kept_sets(graph, units, written))
+            choices.extend(Choice(Action.RECOMPUTE, units, kept) for kept in kept_sets(graph, units, written, draws))
             if end + 1 - u >= max_segment_units or (end, end + 1) not in links or graph.units[end + 1].side_from >= u:
                 break
             end += 1
     return choices
 
 
-def kept_sets(graph: ProfiledGraph, units: tuple[int, ...], written: set[tuple[int, str, int]]) -> list[frozenset[Kept]]:
-    """Operator calls a region of `units` may keep saved: its expensive operators' calls; and a few points
-    of its front of (bytes kept, recompute time saved), the calls whose outputs autograd saved taken in
-    order of time saved per byte they hold, until they save a quarter, half and three quarters of all
-    their time. In a region of several units (whose options are many) and under torch.compile (where
-    compiled code fuses the others, and what the partitioner saves around one kept is its own choice),
-    the front is of expensive operators' calls only. A call that draws random numbers is never kept (the
-    replay would draw the rest from another place in the stream), nor one whose output is written later."""
-    calls = [
-        (op.ms / op.out_bytes, Kept(u, op.name, op.call), op.ms)
-        for u in units
-        for op in graph.units[u].ops
-        if op.saved_bytes and op.ms > 0 and not op.random and (u, op.name, op.call) not in written
+def random_draws(graph: ProfiledGraph) -> dict[int, frozenset[Kept]]:
+    """Per unit whose forward draws random numbers: the calls that keep its draws saved, its calls that
+    draw and those that made or wrote what they wrote into (a dropout's mask: `empty_like`,
+    `bernoulli_`, `div_`); empty where that cannot be (an operator read a mask before it was final)."""
+    draws = {u.index: {Kept(u.index, op.name, op.call) for op in u.ops if op.random} for u in graph.units}
+    for b in graph.blocks:
+        if b.mutated and b.owner in draws and draws[b.owner] & {Kept(*w) for w in b.writers}:
+            if b.read_then_written or any(w[0] != b.owner for w in b.writers):
+                draws[b.owner] = set()
+            elif draws[b.owner]:
+                draws[b.owner] |= {Kept(b.owner, b.op, b.op_call), *(Kept(*w) for w in b.writers)}
+    return {u: frozenset(calls) for u, calls in draws.items() if any(op.random for op in graph.units[u].ops)}
+
+
+def kept_sets(graph: ProfiledGraph, units: tuple[int, ...], written: set[tuple[int, str, int]],
+              draws: dict[int, frozenset[Kept]] | None = None) -> list[frozenset[Kept]]:
+    """Operator calls a region of `units` may keep saved: its expensive operators' calls; and points of
+    its front of (bytes kept, recompute time saved): the calls whose outputs autograd saved (in a region
+    of one unit, and expensive calls whose outputs it did not save, as a query projection that rotary
+    embeddings read) taken in order of time saved per byte they hold, until they save a tenth, two
+    tenths, ... of all their time (a quarter, half and three quarters in a region of several units,
+    whose options are many). In a region of several units and under torch.compile (where compiled code
+    fuses the others, and what the partitioner saves around one kept is its own choice), the front is
+    of expensive operators' calls only. Calls that draw random numbers are kept all together
+    (`random_draws`, in eager only) or not at all: a replay that drew some of them would draw from
+    another place in the stream. An output written later is kept only so."""
+    ops = {(u, op.name, op.call): op for u in units for op in graph.units[u].ops}
+    items = [  # (calls, time they save, bytes they hold)
+        (frozenset({Kept(*key)}), op.ms, op.out_bytes)
+        for key, op in ops.items()
+        if op.out_bytes and op.ms > 0 and not op.random and key not in written
+        and (op.saved_bytes or len(units) == 1 and op.name in EXPENSIVE_OPS)
     ]
-    sets = {frozenset(k for _, k, _ in calls if k.op in EXPENSIVE_OPS)}
+    sets = {frozenset(k for calls, _, _ in items for k in calls if k.op in EXPENSIVE_OPS)}
     if len(units) > 1 or graph.compiled:
-        calls = [c for c in calls if c[1].op in EXPENSIVE_OPS]
-    calls.sort(key=lambda c: -c[0])
-    total_ms, ms, prefix = sum(c[2] for c in calls), 0.0, []
-    shares = iter(FRONT_SHARES)
+        items = [item for item in items if next(iter(item[0])).op in EXPENSIVE_OPS]
+    draws = draws if draws is not None else random_draws(graph)
+    region_draws = [draws[u] for u in units if u in draws]
+    if region_draws and all(region_draws) and not graph.compiled:
+        calls = frozenset().union(*region_draws)
+        items.append((calls, sum(ops[k].ms for k in calls), sum(ops[k].out_bytes for k in calls)))
+    items.sort(key=lambda item: -item[1] / max(item[2], 1))
+    total_ms, ms, prefix = sum(item[1] for item in items), 0.0, set()
+    shares = iter(FRONT_SHARES[min(len(units), 2)])
     share = next(shares, None)
-    for _, kept, call_ms in calls:
-        prefix.append(kept)
+    for calls, call_ms, _ in items:
+        prefix |= calls
         ms += call_ms
         while share is not None and ms >= share * total_ms:
             sets.add(frozenset(prefix))

@@ -195,11 +195,12 @@ def test_random_operators_are_known_by_their_dropout():
 
 
 def test_no_plan_replays_random_draws_it_cannot_repeat():
-    """A recomputed region never keeps saved an operator that draws random numbers (the replay would
-    draw the rest from another place in the stream), nor holds a unit that draws from cuDNN's own state."""
+    """A recomputed region keeps saved all the calls that draw random numbers in it or none (a replay
+    drawing some would draw the rest from another place in the stream), and never holds a unit that
+    draws from cuDNN's own state."""
     from dataclasses import replace
 
-    from planner.core.actions import Action
+    from planner.core.actions import Action, Kept
     from solvers import build_problem
     from solvers.problem import candidate_choices
 
@@ -208,8 +209,10 @@ def test_no_plan_replays_random_draws_it_cannot_repeat():
     block = next(u for u in graph.units if any(op.name == "aten.bmm" for op in u.ops))
     ops = tuple(replace(op, random=True) if op.name == "aten.bmm" else op for op in block.ops)
     units = tuple(replace(u, ops=ops) if u is block else u for u in graph.units)
-    saving = [c.save_ops for c in candidate_choices(replace(graph, units=units), 8) if block.index in c.units]
-    assert any(saving) and not any(k.op == "aten.bmm" and k.unit == block.index for ops in saving for k in ops)
+    regions = [c for c in candidate_choices(replace(graph, units=units), 8) if block.index in c.units and c.save_ops]
+    kept = [(c.save_ops, {Kept(u, op.name, op.call) for u in c.units for op in units[u].ops if op.random}) for c in regions]
+    assert all(not (saved & draws) or draws <= saved for saved, draws in kept)
+    assert any(draws <= saved for saved, draws in kept) and any(not saved & draws for saved, draws in kept)
 
     units = tuple(replace(u, replayable=False) if u is block else u for u in graph.units)
     options = build_problem(replace(graph, units=units), 0).options

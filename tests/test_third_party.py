@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import planner
@@ -23,6 +24,7 @@ from planner.tracking import StorageTracker, tensors_in
 
 pytest.importorskip("transformers")
 
+from solvers.problem import random_draws  # noqa: E402
 from tests.plans import plan_of  # noqa: E402
 from tests.third_party import LOSSES, MODELS  # noqa: E402
 
@@ -294,6 +296,49 @@ def test_a_trainer_holds_its_budget_with_the_plan(tmp_path):
     before = sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in existing}.values())
     assert before + tracker.peak_bytes <= handle.plan.budget_bytes
     assert "forward" not in vars(model.transformer.h[0])  # the plan came off when training ended
+
+
+def test_a_region_keeping_its_random_draws_replays_none_of_them():
+    """A region may keep its random draws saved: every dropout's mask, with the calls that made and
+    wrote it (`empty_like`, `bernoulli_`, `div_`). Its replay then draws nothing, and training is
+    bit-identical, at the predicted peak."""
+    model, batch, optimizer = build("gpt2")
+    graph = planner.profile(model, batch, optimizer=optimizer)
+    draws = random_draws(graph)
+    blocks = [u.index for u in graph.units if u.kind == "GPT2Block"]
+    assert all({"aten.empty_like", "aten.bernoulli_", "aten.div_"} <= {k.op for k in draws[u]} for u in blocks)
+    plans = [plan_of(graph, *(Choice(Action.RECOMPUTE, (u,), kept.get(u, frozenset())) for u in blocks))
+             for kept in ({}, draws)]
+    assert plans[1].predicted_peak_bytes > plans[0].predicted_peak_bytes
+    for plan, replayed in zip(plans, (len(blocks) * 3, 0)):
+        with planner.apply(model, plan):
+            measured = user_loop_peak(model, batch, optimizer)
+            with _counting(torch.ops.aten.bernoulli_) as calls:
+                forward_loss(model, batch, None).backward()
+            model.zero_grad(set_to_none=True)
+        assert abs(measured - plan.predicted_peak_bytes) <= 0.01 * measured
+        assert calls["backward"] == replayed
+
+    with planner.apply(model, plans[1]):
+        planned = train(model, batch, optimizer, None)
+    reference, _, reference_optimizer = build("gpt2")
+    assert_identical(planned, train(reference, batch, reference_optimizer, None))
+
+
+@contextlib.contextmanager
+def _counting(packet):
+    """Counts the calls of an operator (an overload packet) while it runs, as `calls["backward"]`: the
+    calls inside `loss.backward()` once the forward is over, counted from where `backward` is called."""
+    calls = {"forward": 0, "backward": 0}
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is packet:
+                calls["backward" if torch._C._current_graph_task_id() != -1 else "forward"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        yield calls
 
 
 def test_a_region_keeps_saved_the_operator_calls_its_plan_names():

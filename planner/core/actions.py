@@ -181,18 +181,25 @@ class Semantics:
         """The blocks that operator calls in `save_ops` made in forward."""
         return {i for k in save_ops for i in self._by_call.get(k, ())}
 
+    def _keepable(self, block: int, save_ops: frozenset[Kept]) -> bool:
+        """Whether a selective checkpoint may keep the block saved: it is not written after it was made,
+        or `save_ops` keeps every call that writes it, which nothing reads before the last."""
+        b = self.graph.blocks[block]
+        return not b.mutated or (not b.read_then_written and all(keeps(save_ops, *w) for w in b.writers))
+
     def effect(self, choice: Choice) -> Effect | None:
         """The choice's effect, or None when it frees nothing or cannot run.
 
         A region cannot start with a unit that writes into its inputs (replaying
-        it would write again), nor keep saved an output that is later written,
+        it would write again), nor keep saved an output that is later written
+        unless it keeps every call that writes it too (the replay then runs none of them),
         nor hold a unit whose random numbers a replay cannot draw again, or that stores tensors
         into an object it was given (a replay would store them again).
         """
         units = set(choice.units)
         owned = self._owned(units)
         kept = self._kept(choice.save_ops)
-        if self.graph.units[choice.units[0]].mutates_inputs or any(self.graph.blocks[i].mutated for i in kept):
+        if self.graph.units[choice.units[0]].mutates_inputs or not all(self._keepable(i, choice.save_ops) for i in kept):
             return None
         if choice.action is Action.RECOMPUTE and not all(self.graph.units[u].replays_alike for u in units):
             return None

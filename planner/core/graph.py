@@ -148,6 +148,8 @@ class Block:
     op: str = ""  # the operator that allocated it
     op_call: int = 0  # that operator's call in the owner's forward (`Op.call`)
     mutated: bool = False  # written in place after it was made
+    writers: tuple[tuple[int | None, str, int], ...] = ()  # the calls (unit, op, call) that wrote into it
+    read_then_written: bool = False  # read by another operator before a write (a kept output has its last state)
     unit_output: bool = False  # returned by the unit that made it
     in_state: bool = False  # stored into an object a unit was given (a key/value cache): no plan frees it
     scratch: bool = False  # memory its operator took and gave back within the call (allocated and freed at once)

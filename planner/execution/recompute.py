@@ -7,7 +7,8 @@ backward first needs a tensor saved in the region, the checkpoint replays it: th
 again, each fed the replayed outputs of the one before and the recorded arguments otherwise. The
 buffers of the region's modules (batch-norm statistics) are copied before a replay and put back
 after it, so that a step updates them once. Operators the plan keeps saved are kept by a
-selective-checkpoint policy.
+selective-checkpoint policy; one that keeps a region's random draws keeps all of them (a dropout's
+mask, with the calls that made and wrote it), so that its replay draws none.
 """
 
 from __future__ import annotations
@@ -154,4 +155,7 @@ def _context_fn(region: _Region):
             return ckpt.CheckpointPolicy.MUST_SAVE
         return ckpt.CheckpointPolicy.PREFER_RECOMPUTE
 
-    return functools.partial(ckpt.create_selective_checkpoint_contexts, policy)
+    # a kept call that writes in place (a dropout's `bernoulli_`) writes into an output kept before it;
+    # the plan keeps every call that writes it, so the replay takes each from the cache and runs none
+    mutation = any(k.op.endswith("_") for k in choice.save_ops)
+    return functools.partial(ckpt.create_selective_checkpoint_contexts, policy, allow_cache_entry_mutation=mutation)

@@ -47,6 +47,8 @@ def freeze(
                 op=b.op,
                 op_call=b.op_call,
                 mutated=b.mutated,
+                writers=tuple(b.writers),
+                read_then_written=b.read_then_written,
                 unit_output=b.unit_output,
                 in_state=b.in_state,
                 scratch=b.scratch,

@@ -40,6 +40,9 @@ class RecordedBlock:
     op: str = ""
     op_call: int = 0
     mutated: bool = False  # written in place after it was made
+    writers: list = field(default_factory=list)  # (unit, op, call) of those writes
+    read: bool = False  # by an operator that did not write into it
+    read_then_written: bool = False
     unit_output: bool = False  # returned by the unit that made it
     in_state: bool = False  # stored by a unit into an object it was given (a key/value cache)
     scratch: bool = False  # an operator's scratch: allocated and freed at its tick
@@ -237,6 +240,9 @@ class Recorder(StorageTracker):
         read = [self.open[k] for k in inputs if k in self.open]
         for block in read:
             block.last_use = self.tick
+        for key in inputs - written:
+            if key in self.open:
+                self.open[key].read = True
         if self.current is None:
             sources = frozenset().union(*(b.sources for b in read))
         else:
@@ -252,6 +258,8 @@ class Recorder(StorageTracker):
             block = self.open[key]
             block.sources = sources
             block.mutated = True
+            block.writers.append((self.current, self.op_name, call))
+            block.read_then_written |= block.read
             if self.current is not None and block.owner != self.current:
                 self.units[self.current].mutates_inputs = True
 
