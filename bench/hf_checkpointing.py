@@ -194,8 +194,10 @@ def step_ratio(model, batch, optimizer, method: Method, steps: int) -> float:
 def _summary(plan) -> str:
     regions = sum(c.action.value == "recompute" for c in plan.choices)
     kept = collections.Counter(k.op.split(".")[-1] for c in plan.choices for k in c.save_ops)
-    return f"{regions} region{'s' if regions != 1 else ''}" + (
-        ", keeping " + ", ".join(f"{n} × {op}" for op, n in sorted(kept.items())) if kept else "")
+    masks = kept.pop("bernoulli_", 0)  # each kept with the `empty_like` that made it and the `div_` that scaled it
+    kept = +(kept - collections.Counter({"empty_like": masks, "div_": masks}))
+    items = [f"{n} × {op}" for op, n in sorted(kept.items())] + ([f"{masks} dropout masks"] if masks else [])
+    return f"{regions} region{'s' if regions != 1 else ''}" + (", keeping " + ", ".join(items) if items else "")
 
 
 def high_water_marks(result: dict, directory: Path) -> None:
