@@ -182,13 +182,15 @@ def random_draws(graph: ProfiledGraph) -> dict[int, frozenset[Kept]]:
     draw and those that made or wrote what they wrote into (a dropout's mask: `empty_like`,
     `bernoulli_`, `div_`); empty where that cannot be (an operator read a mask before it was final)."""
     draws = {u.index: {Kept(u.index, op.name, op.call) for op in u.ops if op.random} for u in graph.units}
+    draws = {u: calls for u, calls in draws.items() if calls}
     for b in graph.blocks:
-        if b.mutated and b.owner in draws and draws[b.owner] & {Kept(*w) for w in b.writers}:
+        calls = draws.get(b.owner)
+        if calls and b.mutated and calls & {Kept(*w) for w in b.writers}:
             if b.read_then_written or any(w[0] != b.owner for w in b.writers):
-                draws[b.owner] = set()
-            elif draws[b.owner]:
-                draws[b.owner] |= {Kept(b.owner, b.op, b.op_call), *(Kept(*w) for w in b.writers)}
-    return {u: frozenset(calls) for u, calls in draws.items() if any(op.random for op in graph.units[u].ops)}
+                calls.clear()
+            else:
+                calls |= {Kept(b.owner, b.op, b.op_call), *(Kept(*w) for w in b.writers)}
+    return {u: frozenset(calls) for u, calls in draws.items()}
 
 
 def kept_sets(graph: ProfiledGraph, units: tuple[int, ...], written: set[tuple[int, str, int]],

@@ -194,6 +194,29 @@ def test_random_operators_are_known_by_their_dropout():
     assert not _draws_random(aten.mm.default, (q[0, 0], q[0, 0]), {})
 
 
+def test_a_mask_read_before_it_is_final_is_never_kept():
+    """A dropout mask written after an operator read it cannot be kept: the replay would hand that
+    reader the mask's last state. A mask read only once it is final can."""
+    from solvers.problem import random_draws
+
+    class Noisy(nn.Module):
+        def __init__(self, early: bool) -> None:
+            super().__init__()
+            self.linear, self.early = nn.Linear(64, 64), early
+
+        def forward(self, x):
+            h = self.linear(x)
+            mask = torch.empty_like(h).bernoulli_(0.5)
+            seen = mask.mean() if self.early else 0
+            mask.div_(0.5)
+            return torch.tanh(h * mask + seen)
+
+    graph = planner.profile(nn.Sequential(Noisy(early=True), Noisy(early=False)), torch.randn(32, 64))
+    draws = random_draws(graph)
+    assert [graph.units[u].name for u in draws] == ["0", "1"]
+    assert not draws[0] and {k.op for k in draws[1]} == {"aten.empty_like", "aten.bernoulli_", "aten.div_"}
+
+
 def test_no_plan_replays_random_draws_it_cannot_repeat():
     """A recomputed region keeps saved all the calls that draw random numbers in it or none (a replay
     drawing some would draw the rest from another place in the stream), and never holds a unit that
