@@ -171,16 +171,25 @@ def test_a_key_value_cache_is_refused_before_training_with_a_message():
 
 
 class Block(nn.Module):
+    """A residual MLP block. One that leaks keeps memory in a replay that its first run never
+    allocated; one that does not takes time no replay should repeat (work without gradients), so
+    that a plan recomputes the leaking blocks first."""
+
     def __init__(self, width: int, leaks: bool = False) -> None:
         super().__init__()
         self.fc = nn.Linear(width, 4 * width)
         self.back = nn.Linear(4 * width, width)
+        self.register_buffer("work", torch.randn(width, 4 * width))
         self.leaks = leaks
         self._kept = None
 
     def forward(self, x):
         if self.leaks and torch._C._current_graph_task_id() != -1:
-            self._kept = torch.cat([x] * 4)  # a replay keeps memory its first run never allocated
+            self._kept = torch.cat([x] * 8)
+        if not self.leaks:
+            with torch.no_grad():
+                for _ in range(8):
+                    torch.mm(x, self.work)
         return x + self.back(torch.relu(self.fc(x)))
 
 
@@ -202,7 +211,7 @@ def test_replays_that_allocate_unseen_memory_are_caught_by_the_first_step(caplog
     assert all(not model[u].leaks for c in handle.plan.choices for u in c.units)
     handle.remove()
     with pytest.raises((BudgetExceeded, InfeasibleBudget), match="left memory behind"):
-        planner.auto(model, x, int(0.6 * planner.simulate(graph).peak_bytes), optimizer=optimizer)
+        planner.auto(model, x, int(0.7 * planner.simulate(graph).peak_bytes), optimizer=optimizer)
 
 
 def test_a_replay_that_runs_other_operators_is_named_and_planned_around(caplog):
