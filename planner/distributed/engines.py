@@ -70,6 +70,9 @@ def wrap(model: nn.Module, sharding: str, units: Sequence[str]) -> Wrapped:
         else:
             own = sharded_units(model, names)
             module = _fsdp(model, own, device)
+    # the collectives of wrapping (DDP's broadcast of the weights) may let go of their buffers in the
+    # backend's own threads after they returned: their frees are counted once every rank got here
+    dist.barrier()
     kept = {storage_key(t) for t in [*module.parameters(), *module.buffers()]}
     held = sum(nbytes for key, nbytes in tracker.live.items() if key not in kept)
     tracker.stop_tracking()
