@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from planner.core.actions import Action, Choice, Kept, Semantics, replay_peak
 from planner.core.costmodel import Roofline
 from planner.core.gpus import roofline_for
-from planner.core.graph import EXPENSIVE_OPS, ProfiledGraph
+from planner.core.graph import EXPENSIVE_OPS, Phase, ProfiledGraph
 from planner.core.simulator import simulate
 
 MAX_SEGMENT_UNITS = 16
@@ -158,10 +158,12 @@ def build_problem(
 
 def candidate_choices(graph: ProfiledGraph, max_segment_units: int, offload: bool = True) -> list[Choice]:
     """Offload each unit (if `offload`); recompute each run of up to `max_segment_units` units along
-    segment links, in full and keeping saved the outputs of some of its operator calls (`kept_sets`)."""
+    segment links, in full and keeping saved the outputs of some of its operator calls (`kept_sets`).
+    Under torch.compile a region keeps its outputs saved too (`region_outputs`)."""
     links = graph.segment_links()
     written = {(b.owner, b.op, b.op_call) for b in graph.blocks if b.mutated}
     draws = random_draws(graph)
+    outputs = region_outputs(graph, written) if graph.compiled else {}
     choices = []
     for u in range(len(graph.units)):
         if offload:
@@ -169,12 +171,30 @@ def candidate_choices(graph: ProfiledGraph, max_segment_units: int, offload: boo
         end = u
         while True:
             units = tuple(range(u, end + 1))
-            choices.append(Choice(Action.RECOMPUTE, units))
-            choices.extend(Choice(Action.RECOMPUTE, units, kept) for kept in kept_sets(graph, units, written, draws))
+            always = frozenset().union(*(outputs.get(v, ()) for v in units))
+            choices.append(Choice(Action.RECOMPUTE, units, always))
+            choices.extend(Choice(Action.RECOMPUTE, units, always | calls)
+                           for calls in kept_sets(graph, units, written, draws) if not calls <= always)
             if end + 1 - u >= max_segment_units or (end, end + 1) not in links or graph.units[end + 1].side_from >= u:
                 break
             end += 1
     return choices
+
+
+def region_outputs(graph: ProfiledGraph, written: set[tuple[int, str, int]]) -> dict[int, frozenset[Kept]]:
+    """Per unit, the calls that made what its forward returns (not written later, not random).
+
+    Under torch.compile a region that keeps them saved is replayed only for its own backward: without
+    them, the partitioner may take a value computed from a region's output (a decoder's memory from the
+    last encoder layer, through a norm) as cheapest to recompute from the region's inputs, which are
+    saved anyway, replay the region early in backward and hold its values from then on."""
+    excluded = written | {(u.index, op.name, op.call) for u in graph.units for op in u.ops if op.random}
+    outputs: dict[int, set[Kept]] = defaultdict(set)
+    for b in graph.blocks:
+        call = (b.owner, b.op, b.op_call)
+        if b.unit_output and b.owner is not None and b.phase is Phase.FORWARD and call not in excluded:
+            outputs[b.owner].add(Kept(*call))
+    return {u: frozenset(calls) for u, calls in outputs.items()}
 
 
 def random_draws(graph: ProfiledGraph) -> dict[int, frozenset[Kept]]:
