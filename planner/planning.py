@@ -273,7 +273,8 @@ def _checked_step(handle, model, example_batch, **step_args) -> tuple[set[int], 
     """Measure one planned step (`handle.measured`): the units whose replays failed and the peak (live
     storages, or what the allocator reserved), over every rank (collective under torch.distributed)."""
     optimizer = step_args.get("optimizer")
-    warmup = int(optimizer is not None and not optimizer.state)  # the checked step is a steady one
+    # the checked step is a steady one: the optimizer has its state, and a compiled step its code for the plan
+    warmup = int(handle.plan.compiled or (optimizer is not None and not optimizer.state))
     failed, peak = set(), 0
     try:
         handle.measured = measure(model, example_batch, steps=0, warmup=warmup, **step_args)
