@@ -235,13 +235,16 @@ class Semantics:
         at the last tensor the region's forward saved, and autograd saves an operator's inputs before it
         runs it: where no tensor made at or after the operator was saved in the region, the replay never
         runs it, and its output stays cached until the checkpoint goes, when the region's backward is over.
+        Under torch.compile a unit's own outputs, which a region keeps so that no other unit's backward
+        replays it (`solvers.problem.region_outputs`), are saved for the operators whose backward needs
+        them, as in the step without the plan.
         """
         blocks = self.graph.blocks
         inputs = {i for u in units for i in self.graph.units[u].inputs if blocks[i].owner not in units}
         until = max([back] + [self.graph.units[u].bwd_end or back for u in units])
         last_saved = max((self._last_saved.get(u, -1) for u in units), default=-1)
         ends = dict.fromkeys(inputs, (until, False))  # block -> (until when, whether its replay frees it)
-        for i in (i for i in kept if not blocks[i].scratch):
+        for i in (i for i in kept if not blocks[i].scratch and not (self.graph.compiled and blocks[i].unit_output)):
             ends[i] = (back, True) if blocks[i].alloc <= last_saved else (until, False)
         return tuple(
             Release(i, blocks[i].free, end, in_replay)
