@@ -183,8 +183,11 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         budget = mib(r["budget"]) if r.get("budget") else ""
         if "refused" in r:
-            smallest = r["refused"].rsplit("(", 1)[-1].rstrip(")")
-            refused = f"refused: the checked step needs at least {smallest}"
+            reason = r["refused"]
+            if "give a budget of at least" in reason:
+                refused = f"refused: the checked step needs at least {reason.rsplit('(', 1)[-1].rstrip(')')}"
+            else:  # over the budget after planning again
+                refused = f"refused: {reason.split(';')[0]}"
             lines.append(f"| {r['model']} | {r['method']} | {budget} | {refused} | | | |")
             continue
         hwm = f" / {mib(r['hwm'])}" if r.get("hwm") else ""

@@ -266,7 +266,8 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
             chosen = plan_ranks(graph, chosen.budget_bytes, margin_bytes=margin, **solve)
         except InfeasibleBudget as err:
             raise InfeasibleBudget(f"{over}, and {why}: {err}", err.smallest_bytes) from None
-    raise BudgetExceeded(f"{over}, after planning {MAX_REPLANS} more times; give a smaller budget")
+    raise BudgetExceeded(f"{over}, after planning {MAX_REPLANS} more times; ask for a budget below "
+                         f"{format_bytes(chosen.budget_bytes)}, so that the plan leaves more room, or allow more memory")
 
 
 def _checked_step(handle, model, example_batch, **step_args) -> tuple[set[int], int]:
