@@ -12,7 +12,11 @@ the unplanned peak of that row minus what the chosen options free there:
 
 Options that share a unit exclude each other. This is the same step the
 simulator replays, stated per row, so `peak_bytes` equals the simulator's
-peak for any set of options.
+peak for any set of options, but one: where two chosen regions read the same
+block from outside (an attention mask every layer reads), each holds it until
+its own backward here, and the simulator holds it once. There `peak_bytes` is
+above the simulator's peak: the solvers keep a bound, the plan predicts the
+simulator's peak.
 """
 
 from __future__ import annotations

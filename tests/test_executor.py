@@ -252,6 +252,50 @@ def test_regions_keeping_operator_calls_are_bit_identical_and_as_predicted(name)
     assert_identical(train(load_scenario(name).build(), 3), train(w, 3, plan))
 
 
+class Mix(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, bias):
+        h = self.proj(x)
+        return x + torch.softmax(h @ h.transpose(1, 2) + bias, -1) @ h
+
+
+class SharedBias(nn.Module):
+    """Layers that all read one large tensor made outside them (as an attention mask or a relative
+    position bias is made once and passed to every layer), which none of them saves."""
+
+    def __init__(self, width: int = 32, length: int = 96, depth: int = 4) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(length, length))
+        self.layers = nn.ModuleList(Mix(width) for _ in range(depth))
+
+    def forward(self, x):
+        bias = self.bias.expand(x.shape[0], -1, -1).contiguous()
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x
+
+
+def test_a_tensor_every_recomputed_layer_reads_is_held_once():
+    """Each region's checkpoint keeps its inputs until its backward; the prediction holds a tensor
+    that all of them read once, as the step does, and not once per region."""
+    torch.manual_seed(0)
+    model, batch = SharedBias(), (torch.randn(16, 96, 32),)
+    graph = planner.profile(model, batch, loss_fn=lambda out: out.square().mean(), units=["Mix"])
+    layers = [u.index for u in graph.units]
+    assert len(layers) == 4
+    plan = plan_of(graph, *(Choice(Action.RECOMPUTE, (u,)) for u in layers))
+    problem = build_problem(graph, 0)
+    chosen = [o for o, option in enumerate(problem.options) if option.choice in plan.choices]
+    bias = 16 * 96 * 96 * 4
+    assert problem.peak_bytes(chosen) > plan.predicted_peak_bytes + bias  # the problem holds it once per region
+    with planner.apply(model, plan):
+        measured = planner.measure(model, batch, loss_fn=lambda out: out.square().mean(), steps=0).peak_bytes
+    assert abs(measured - plan.predicted_peak_bytes) <= 0.02 * measured
+
+
 def test_plan_file_round_trip(tmp_path):
     _, graph = profiled("unet")
     plan = plan_or_smallest(graph, "50%")

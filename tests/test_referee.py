@@ -7,9 +7,10 @@ import random
 import pytest
 
 import planner
-from planner.scenario import load_scenario
 from planner.core.simulator import simulate
+from planner.scenario import load_scenario
 from solvers import build_problem
+from tests.plans import assert_problem_agrees
 
 
 @pytest.mark.parametrize("name", ["gpt", "resnet", "unet", "lstm_cell"])
@@ -24,5 +25,5 @@ def test_problem_peak_equals_simulated_peak_on_random_plans(name):
             if problem.compatible([*chosen, option]):
                 chosen.append(option)
         choices = [problem.options[o].choice for o in chosen]
-        assert problem.peak_bytes(chosen) == simulate(graph, choices).peak_bytes, choices
+        assert_problem_agrees(graph, problem, chosen)
         assert problem.overhead_ms(chosen) == pytest.approx(simulate(graph, choices).extra_ms)

@@ -86,14 +86,16 @@ def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline | No
     extra time and the bytes they offload.
 
     Keys order the original event at a tick first, then deaths at that tick,
-    then any replay starting there. A block that several chosen regions hold is
-    charged once per region: a bound that errs high by the duplicates, and
-    keeps every choice's effect additive.
+    then any replay starting there. A block that several chosen regions read
+    from outside (an attention mask every layer reads) is held once, until the
+    backward of the last of them (`solvers.problem` counts it once per region,
+    which keeps every choice's effect additive).
     """
     semantics = Semantics(graph, roofline)
     death: dict[int, int] = {}
     replays = []
     holds = []
+    inputs: dict[int, tuple] = {}  # a block regions read from outside -> the key of its last region's backward
     extra_ms, host_bytes = 0.0, 0
     for n, choice in enumerate(choices):
         effect = semantics.effect(choice)
@@ -103,15 +105,18 @@ def _events(graph: ProfiledGraph, choices: list[Choice], roofline: Roofline | No
         host_bytes += effect.host_bytes
         death |= {r.block: r.death for r in effect.releases}
         for r in effect.held:  # alive again right after its free, until the region's backward is over
-            bytes_, category = graph.blocks[r.block].bytes, graph.blocks[r.block].category
-            holds.append(((r.death, 0, 1), bytes_, category))
-            if not r.in_replay:  # (otherwise its replay frees it)
-                holds.append(((r.back, 3, n), -bytes_, category))
+            if r.in_replay:  # (or until its replay frees it)
+                holds.append(((r.death, 0, 1), graph.blocks[r.block].bytes, graph.blocks[r.block].category))
+            else:
+                inputs[r.block] = max(inputs.get(r.block, ()), (r.back, 3, n))
         replays += [((effect.replay_tick, 2, n, k), delta, graph.blocks[i].category) for k, (i, delta) in enumerate(effect.replay)]
         if effect.snapshot_bytes:  # the buffers' copy, alive while the replay runs
             end = len(effect.replay)
             replays += [((effect.replay_tick, 2, n, -1), effect.snapshot_bytes, Category.TRANSIENTS)]
             replays += [((effect.replay_tick, 2, n, end), -effect.snapshot_bytes, Category.TRANSIENTS)]
+    for i, until in inputs.items():  # once, however many regions read it, until the last of them lets it go
+        b = graph.blocks[i]
+        holds += [((b.free, 0, 1), b.bytes, b.category), (until, -b.bytes, b.category)]
     events = []
     for i, b in enumerate(graph.blocks):
         events.append(((b.alloc, 0), b.bytes, b.category))
