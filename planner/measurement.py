@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from planner.step import LossFn, StepFn, TrainingStep, preserved, timed_ms
+from planner.step import LossFn, StepFn, TrainingStep, every_layer_runs, preserved, timed_ms
 from planner.torch_internals import CpuScratch, is_compiled
 from planner.tracking import StorageTracker, fixed_bytes, fixed_groups
 
@@ -58,11 +58,12 @@ def measure(
 
     `step` is a training step of your own instead of the built-in one (see `planner.profile`). On
     CUDA the allocator's cache is emptied before the measured step, so that its reserved peak is
-    this step's own.
+    this step's own. Where the model skips layers at random (LayerDrop), these steps skip none, as
+    its profile did (`planner.step.every_layer_runs`).
     """
     train = TrainingStep.of(model, example_batch, loss_fn, optimizer, autocast_dtype, step)
     device = train.device
-    with preserved(model, optimizer):
+    with preserved(model, optimizer), every_layer_runs(model):
         for _ in range(warmup):
             _warm_up(train, device)
         times = [timed_ms(train, device) for _ in range(steps)]

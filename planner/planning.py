@@ -76,7 +76,8 @@ def plan(
     host_bytes = None if host_memory is None else size_bytes(host_memory)
     # Under torch.compile the partitioner saves what passes between two checkpointed calls: a region
     # of several units holds what its units hold as regions of their own (planner.execution.compiled).
-    segments = {"max_segment_units": 1} if graph.compiled else {}
+    # Where layers are skipped at random, a region of one unit is skipped whole.
+    segments = {"max_segment_units": 1} if graph.compiled or graph.drops_layers else {}
     problem = build_problem(graph, budget_bytes - margin_bytes, roofline, offload=offload, host_budget_bytes=host_bytes,
                             **segments)
     name = auto_solver(problem) if solver == "auto" else solver
@@ -226,8 +227,9 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
     the random number generators are left as they were); returns the handle, `handle.measured` the
     measurement.
 
-    The step's peak (live storages on a CPU, what the allocator reserves on CUDA) is compared with
-    the plan's budget. Where it is over, or a replay fails where its forward ran (`ReplayFailed`), a
+    The step's peak (on a CPU, live storages and the rise of the process's high-water mark, which sees
+    what bypasses the dispatcher; on CUDA, what the allocator reserves) is compared with the plan's
+    budget. Where it is over, or a replay fails where its forward ran (`ReplayFailed`), a
     step with every unit recomputed on its own finds the units whose replays leave memory behind, and
     the plan is made again (`plan(graph, budget, **solve)`) without recomputing those or the failed
     ones, or, if there are none, with the excess kept free (a warning says so), up to MAX_REPLANS
@@ -272,14 +274,15 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
 
 def _checked_step(handle, model, example_batch, **step_args) -> tuple[set[int], int]:
     """Measure one planned step (`handle.measured`): the units whose replays failed and the peak (live
-    storages, or what the allocator reserved), over every rank (collective under torch.distributed)."""
+    storages or the high-water mark's rise, or what the allocator reserved), over every rank (collective
+    under torch.distributed)."""
     optimizer = step_args.get("optimizer")
     # the checked step is a steady one: the optimizer has its state, and a compiled step its code for the plan
     warmup = int(handle.plan.compiled or (optimizer is not None and not optimizer.state))
     failed, peak = set(), 0
     try:
-        handle.measured = measure(model, example_batch, steps=0, warmup=warmup, **step_args)
-        peak = max(handle.measured.peak_bytes, handle.measured.reserved_bytes or 0)
+        measured = handle.measured = measure(model, example_batch, steps=0, warmup=warmup, **step_args)
+        peak = max(measured.peak_bytes, measured.reserved_bytes or 0, measured.process_peak_bytes or 0)
     except ReplayFailed as err:
         failed = set(err.units)
     return agreed_union(failed), worst_peak(peak)

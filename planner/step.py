@@ -8,11 +8,13 @@ loss) is a function of no arguments that runs one whole step; `TrainingStep` hol
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -174,13 +176,15 @@ def timed_ms(fn: Callable[[], Any], device: torch.device) -> float:
 
 @contextlib.contextmanager
 def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
-    """Restores parameters, buffers, gradients, optimizer state and RNG states on exit."""
+    """Restores parameters, buffers, gradients, optimizer state and random number generators (torch's,
+    NumPy's and Python's: a model may draw from any) on exit."""
     tensors = [*model.parameters(), *model.buffers()]
     saved = [_host_copy(t) for t in tensors]
     grads = [p.grad for p in model.parameters()]
     # copies on the host: a measured step must not count them (load_state_dict moves state back)
     opt_state = tree_map_only(torch.Tensor, _host_copy, optimizer.state_dict()) if optimizer is not None else None
     rng = torch.get_rng_state()
+    host_rng = random.getstate(), np.random.get_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     for p in model.parameters():
         p.grad = None
@@ -196,8 +200,37 @@ def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iter
             optimizer.state.clear()
             optimizer.load_state_dict(opt_state)
         torch.set_rng_state(rng)
+        random.setstate(host_rng[0])
+        np.random.set_state(host_rng[1])
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def layer_drop(model: nn.Module) -> list[tuple[Any, str, float]]:
+    """Where `model` skips layers at random in training (LayerDrop: Hugging Face's `layerdrop`,
+    `encoder_layerdrop`, ... on a module or its config): (owner, attribute, probability) for each
+    probability above 0."""
+    owners = {id(m): m for m in model.modules()}
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None:
+            owners.setdefault(id(config), config)
+    return [(owner, name, value) for owner in owners.values() for name, value in vars(owner).items()
+            if name.endswith("layerdrop") and type(value) in (int, float) and value > 0]
+
+
+@contextlib.contextmanager
+def every_layer_runs(model: nn.Module) -> Iterator[None]:
+    """No layer skipped at random inside the block (`layer_drop`'s probabilities set to 0): a step that
+    runs every layer, the most memory of the steps it stands for."""
+    settings = layer_drop(model)
+    for owner, name, _ in settings:
+        setattr(owner, name, 0.0)
+    try:
+        yield
+    finally:
+        for owner, name, value in settings:
+            setattr(owner, name, value)
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ pytest.importorskip("transformers")
 
 from solvers.problem import random_draws  # noqa: E402
 from tests.plans import plan_of  # noqa: E402
-from tests.third_party import LOSSES, MODELS  # noqa: E402
+from tests.third_party import LOSSES, MODELS, VOCAB  # noqa: E402
 
 
 def build(name: str):
@@ -78,7 +78,7 @@ def train(model, batch, optimizer, loss_fn, steps: int = 2):
     for _ in range(steps):
         loss = forward_loss(model, batch, loss_fn)
         loss.backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
+        grads.append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
@@ -88,7 +88,7 @@ def train(model, batch, optimizer, loss_fn, steps: int = 2):
 def assert_identical(a, b) -> None:
     assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
     for step_a, step_b in zip(a[1], b[1]):
-        assert all(torch.equal(x, y) for x, y in zip(step_a, step_b))
+        assert all(x is y is None or torch.equal(x, y) for x, y in zip(step_a, step_b))
     assert all(torch.equal(a[2][k], b[2][k]) for k in b[2])  # buffers included
 
 
@@ -156,6 +156,9 @@ def test_units_are_the_blocks_and_the_parts_around_them():
     model, batch, optimizer = build("convnext")  # a stage of blocks is split into its blocks
     names = [u.name for u in planner.profile(model, batch, optimizer=optimizer).units]
     assert "convnext.encoder.stages.0.layers.1" in names and "convnext.encoder.stages.0" not in names
+    model, batch, optimizer = build("swin")  # a stage that is itself a declared block, of declared blocks
+    names = [u.name for u in planner.profile(model, batch, optimizer=optimizer).units]
+    assert "swin.encoder.layers.0.blocks.1" in names and "swin.encoder.layers.0" not in names
 
 
 def test_a_key_value_cache_is_refused_before_training_with_a_message():
@@ -272,6 +275,45 @@ def test_a_step_of_the_users_own_is_planned_as_it_runs():
     reference, _, reference_optimizer = build("gpt2")
     expected = run(reference, reference_optimizer, torch.amp.GradScaler("cpu", init_scale=1024.0))
     assert all(torch.equal(planned[k], expected[k]) for k in expected)
+
+
+def bart_dropping_layers():
+    """BART whose encoder and decoder skip each layer with probability 0.3 in training (LayerDrop)."""
+    import transformers as hf
+
+    torch.manual_seed(0)
+    config = hf.BartConfig(d_model=64, encoder_ffn_dim=256, decoder_ffn_dim=256, encoder_layers=4, decoder_layers=4,
+                           encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=VOCAB, use_cache=False,
+                           decoder_start_token_id=2, forced_eos_token_id=None, encoder_layerdrop=0.3,
+                           decoder_layerdrop=0.3)
+    model = hf.BartForConditionalGeneration(config)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def test_layers_skipped_at_random_are_planned_for_the_step_that_runs_them_all():
+    """LayerDrop: the profile and the checked step run every layer (the most memory a step can take),
+    the plan recomputes regions of one layer, and steps that skip some of them train as without it."""
+    model, optimizer = bart_dropping_layers()
+    batch = {"input_ids": torch.randint(0, VOCAB, (4, 64)), "labels": torch.randint(3, VOCAB, (4, 32))}
+    graph = planner.profile(model, batch, optimizer=optimizer)
+    assert graph.drops_layers
+    assert {f"model.encoder.layers.{i}#0" for i in range(4)} <= {u.key for u in graph.units}
+    every_layer = planner.measure(model, batch, optimizer=optimizer, steps=0).peak_bytes
+    assert abs(planner.simulate(graph).peak_bytes - every_layer) <= 0.02 * every_layer
+    handle = planner.auto(model, batch, half_the_activations(graph, every_layer), optimizer=optimizer)
+    assert all(len(c.units) == 1 for c in handle.plan.choices)
+    assert handle.measured.peak_bytes <= handle.plan.budget_bytes
+
+    ran = []
+    hooks = [layer.register_forward_hook(lambda *_: ran.append(1)) for layer in model.model.encoder.layers]
+
+    planned = train(model, batch, optimizer, None, steps=4)
+    handle.remove()
+    for hook in hooks:
+        hook.remove()
+    assert len(ran) < 4 * 4  # some step skipped some layer
+    reference, reference_optimizer = bart_dropping_layers()
+    assert_identical(planned, train(reference, batch, reference_optimizer, None, steps=4))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -65,6 +65,14 @@ def vit():
     return hf.ViTForImageClassification(config), {"pixel_values": torch.randn(8, 3, 64, 64), "labels": torch.randint(0, 10, (8,))}
 
 
+def swin():
+    import transformers as hf
+
+    config = hf.SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8],
+                           window_size=4, num_labels=10)
+    return hf.SwinForImageClassification(config), {"pixel_values": torch.randn(8, 3, 64, 64), "labels": torch.randint(0, 10, (8,))}
+
+
 def convnext():
     import transformers as hf
 
@@ -102,5 +110,5 @@ def lm_loss(logits: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
-MODELS = {"gpt2": gpt2, "llama": llama, "bert": bert, "t5": t5, "vit": vit, "convnext": convnext, "resnet": resnet, "nn_transformer": nn_transformer}
+MODELS = {"gpt2": gpt2, "llama": llama, "bert": bert, "t5": t5, "vit": vit, "swin": swin, "convnext": convnext, "resnet": resnet, "nn_transformer": nn_transformer}
 LOSSES = {"nn_transformer": lm_loss}  # the others compute their own loss from labels

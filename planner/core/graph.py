@@ -277,6 +277,7 @@ class ProfiledGraph:
     calibration: Calibration = Calibration()
     forwards: int = 1  # forwards of the model with gradients in one step (micro-batches)
     compiled: bool = False  # the step runs under torch.compile: saved bytes are the compiled forward's
+    drops_layers: bool = False  # the model skips layers at random (LayerDrop): profiled with every layer run
 
     @property
     def end_tick(self) -> int:

@@ -25,6 +25,7 @@ from planner.core.plan import Plan
 from planner.execution.compiled import compiled_call, static_choices
 from planner.execution.offload import Offloader
 from planner.execution.recompute import Regions
+from planner.step import layer_drop
 from planner.torch_internals import forget_compiled_code, original, side_effects_once_under_checkpoint
 from planner.units import buffers_of, fingerprint
 
@@ -125,7 +126,8 @@ class Handle:
             last = self.plan.units[self.regions.open.choice.units[-1]]
             self.regions.close()
             raise PlanMismatch(f"a recompute region of the plan did not run to its end: {last}")
-        if torch.is_grad_enabled() and self.forwards % self.plan.forwards == 0:
+        if torch.is_grad_enabled() and self.forwards % self.plan.forwards == 0 and not (
+                module.training and layer_drop(module)):  # (LayerDrop skips units' calls at random)
             missing = sorted(f"{n}#{c}" for n, c in self.actions.keys() - self.seen)
             if missing:
                 raise PlanMismatch(f"the plan names unit calls that did not run in this forward: {', '.join(missing[:8])}")

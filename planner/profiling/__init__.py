@@ -16,6 +16,7 @@ bytes (`planner.core.costmodel`).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,7 +30,16 @@ from planner.profiling.freeze import freeze
 from planner.profiling.recorder import Recorder, unit_hooks
 from planner.profiling.survey import survey_units
 from planner.profiling.timing import TIMED_STEPS, calibrate, least, timed_step
-from planner.step import LossFn, StepFn, TrainingStep, forward_loss, optimizer_hooks, preserved
+from planner.step import (
+    LossFn,
+    StepFn,
+    TrainingStep,
+    every_layer_runs,
+    forward_loss,
+    layer_drop,
+    optimizer_hooks,
+    preserved,
+)
 from planner.torch_internals import fake_mode_of, is_compiled, original
 from planner.tracking import fixed_bytes, fixed_groups, optimizer_tensors, storage_key
 from planner.units import UnitSpec, select_units
@@ -68,10 +78,18 @@ def profile(
     train = TrainingStep.of(model, example_batch, loss_fn, optimizer, autocast_dtype, step)
     device = train.device
     groups = fixed_groups(model, train.batch, optimizer)
-    existing = [t for ts in groups.values() for t in ts]
-    fake_mode = fake_mode_of(existing)  # the FakeTensorMode the model was built under; None for real tensors
+    fake_mode = fake_mode_of([t for ts in groups.values() for t in ts])  # what the model was built under, if any
     if compiled and (fake_mode is not None or device.type == "meta"):
         raise ValueError("a compiled step is profiled by running it: profile it on a real device, not meta or fake")
+    with every_layer_runs(model):  # the step that needs the most memory, where layers may be skipped
+        graph = _profiled(train, units, compiled, groups, fake_mode)
+    return replace(graph, drops_layers=bool(layer_drop(model)))
+
+
+def _profiled(train: TrainingStep, units: UnitSpec, compiled: bool, groups, fake_mode) -> ProfiledGraph:
+    """`profile`'s work, its arguments checked."""
+    model, optimizer, device = train.model, train.optimizer, train.device
+    existing = [t for ts in groups.values() for t in ts]
     with fake_mode or contextlib.nullcontext():
         names = _unit_names(train, units, device, existing)
     with fake_mode or contextlib.nullcontext(), preserved(model, optimizer):
@@ -125,7 +143,7 @@ def unit_names(
     train = TrainingStep.of(model, example_batch, loss_fn, optimizer, autocast_dtype, step)
     groups = fixed_groups(model, train.batch, optimizer)
     existing = [t for ts in groups.values() for t in ts]
-    with fake_mode_of(existing) or contextlib.nullcontext():
+    with fake_mode_of(existing) or contextlib.nullcontext(), every_layer_runs(model):
         return _unit_names(train, units, train.device, existing)
 
 

@@ -8,7 +8,8 @@ autograd saves of what it computes: `saved_bytes`, its submodules included (its 
 
 - the root, a container (Sequential, ModuleList, ModuleDict) and a module never called itself are
   opened: their children are looked at instead;
-- a Hugging Face `GradientCheckpointingLayer` is a unit;
+- a Hugging Face `GradientCheckpointingLayer` is a unit, unless it holds more than MAX_SHARE of the
+  step's saved bytes and holds such layers itself (a Swin stage of Swin layers): then it is opened;
 - a repeated block (one of two or more members of a container that share its class, or a module
   called more than once in the step) is a unit, unless it holds more than MAX_SHARE of the step's saved bytes and holds repeated blocks itself
   (a stage of blocks), in which case it is opened;
@@ -70,11 +71,17 @@ def choose_units(tree: dict[str, ModuleShare], total_bytes: int) -> list[str]:
 
 
 def _split(tree: dict[str, ModuleShare], m: ModuleShare, repeated: bool, limit: float) -> bool:
-    if m.declared_block or m.saved_bytes <= limit:
+    if m.saved_bytes <= limit:
         return False
+    if m.declared_block:
+        return _holds_declared(tree, m)
     if repeated or m.calls > 1:
         return _holds_repeated(tree, m)
     return 2 * m.own_bytes < m.saved_bytes
+
+
+def _holds_declared(tree: dict[str, ModuleShare], m: ModuleShare) -> bool:
+    return any(tree[c].declared_block or _holds_declared(tree, tree[c]) for c in m.children)
 
 
 def _holds_repeated(tree: dict[str, ModuleShare], m: ModuleShare) -> bool:
