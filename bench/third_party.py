@@ -1,4 +1,5 @@
-"""`planner.auto` with no units named, on models the project did not write (tests/third_party.py).
+"""`planner.auto` with no units named, on models the project did not write (tests/third_party.py: the
+models the tests plan, and more).
 
     python -m bench.third_party                   # writes bench/third_party.json
 
@@ -6,7 +7,8 @@ Per model: the predicted and measured peak of the unplanned step, then `planner.
 memory (parameters, gradients, optimizer state, buffers, the batch) + 50% of the measured
 activations, and the planned step's predicted and measured peak and overhead. Peaks are measured
 on the loop as a user writes it, by live storages in this process and by the rise of the
-high-water mark in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536; overhead is the
+high-water mark in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536, with every layer run
+where a model skips layers at random (LayerDrop: the step a plan is made for); overhead is the
 median of 7 planned steps over the median of 7 unplanned ones taken in turns.
 """
 
@@ -25,18 +27,19 @@ import torch
 import planner
 from planner.core.graph import Category
 from planner.measurement import high_water_mark
-from planner.step import preserved
+from planner.step import every_layer_runs, preserved
 from planner.step import timed_ms
 from planner.tracking import StorageTracker, tensors_in
 from planner.core.plan import Plan
-from tests.third_party import LOSSES, MODELS
+from tests.third_party import LOSSES, MODELS, more
 
 STEPS = 7
+ALL = {**MODELS, **more()}
 
 
 def build(name: str):
     torch.manual_seed(0)
-    model, batch = MODELS[name]()
+    model, batch = ALL[name]()
     return model, batch, torch.optim.AdamW(model.parameters(), lr=1e-3), LOSSES.get(name)
 
 
@@ -51,7 +54,7 @@ def user_step(model, batch, optimizer, loss_fn) -> None:
 
 def peaks(model, batch, optimizer, loss_fn) -> tuple[int, int | None]:
     """(live storages, rise of the high-water mark) of a steady-state step, with what existed before it."""
-    with preserved(model, optimizer):
+    with preserved(model, optimizer), every_layer_runs(model):
         # the warm-up runs under a tracker too, as the measured step will (see planner.measurement._warm_up)
         with StorageTracker("cpu") as warm:
             user_step(model, batch, optimizer, loss_fn)
@@ -136,7 +139,7 @@ def main() -> None:
         print(_one_hwm(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))
         return
     with tempfile.TemporaryDirectory() as directory:
-        rows = [measure(name, Path(directory)) for name in MODELS]
+        rows = [measure(name, Path(directory)) for name in ALL]
     Path("bench/third_party.json").write_text(json.dumps(rows, indent=1))
     print(table(rows))
 
