@@ -26,7 +26,7 @@ from planner.distributed.collective import agreed_union, agreed_units, on_worst_
 from planner.execution import ReplayFailed, apply
 from planner.measurement import measure, replays_left_behind
 from planner.profiling import profile, unit_names
-from planner.torch_internals import is_compiled
+from planner.torch_internals import is_compiled, original
 from solvers import Solution, auto_solver, build_problem, get_solver
 from solvers.ilp import min_peak
 from solvers.problem import Problem
@@ -210,6 +210,7 @@ def auto(
     if budget is None:
         raise ValueError("give a budget: bytes, a size like 6GiB or a share of the unplanned peak like 60%")
     compiled = is_compiled(model) if compiled is None else compiled
+    _without_own_checkpointing(original(model))
     step_args = {"loss_fn": loss_fn, "optimizer": optimizer, "step": step, "autocast_dtype": autocast_dtype}
     names = agreed_units(unit_names(model, example_batch, units=units, **step_args))
     graph = profile(model, example_batch, units=names, compiled=compiled, **step_args)
@@ -220,6 +221,19 @@ def auto(
     if compiled and not is_compiled(model):  # the checked step runs as the user's compiled model will
         model = torch.compile(model)
     return hold(model, graph, chosen, example_batch, **step_args, solve=solve)
+
+
+def _without_own_checkpointing(model) -> None:
+    """A Hugging Face model that checkpoints its layers itself (`activation_checkpointing_enable()`,
+    `gradient_checkpointing_enable()`) saves only their inputs, which leaves a plan nothing to choose:
+    its checkpointing is turned off (with a warning), and the plan decides what is recomputed."""
+    if not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        return
+    disable = getattr(model, "activation_checkpointing_disable", None) or getattr(model, "gradient_checkpointing_disable", None)
+    if disable is not None:
+        log.warning("the model checkpoints its layers itself (Hugging Face's activation checkpointing): turned off, "
+                    "so that the plan decides what is recomputed")
+        disable()
 
 
 def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve: dict | None = None, **step_args):

@@ -12,12 +12,15 @@ micro-batch's forward and backward run under the plan as profiled.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from planner.execution import Handle
 from planner.planning import auto
+
+log = logging.getLogger(__name__)
 
 
 def plan_trainer(trainer: Any, budget: int | float | str, **options: Any) -> Handle:
@@ -29,6 +32,9 @@ def plan_trainer(trainer: Any, budget: int | float | str, **options: Any) -> Han
         def on_train_end(self, args, state, control, **kwargs):
             handle.remove()
 
+    if getattr(trainer.args, "activation_checkpointing", False) or getattr(trainer.args, "gradient_checkpointing", False):
+        log.warning("activation_checkpointing=True: turned off, so that the plan decides what is recomputed")
+        trainer.args.activation_checkpointing = trainer.args.gradient_checkpointing = False
     trainer.create_optimizer()
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -330,15 +330,18 @@ def test_on_cuda_the_reserved_peak_of_planned_steps_holds_the_budget(name):
 
 
 def test_a_trainer_holds_its_budget_with_the_plan(tmp_path):
+    """The Trainer's own activation checkpointing, asked for, gives way to the plan."""
     import transformers as hf
 
     model, batch, _ = build("gpt2")
     rows = [{"input_ids": ids, "labels": ids} for ids in batch["input_ids"]] * 3
     args = hf.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, use_cpu=True,
-                                report_to=[], save_strategy="no", logging_strategy="no", dataloader_num_workers=0)
+                                report_to=[], save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
+                                activation_checkpointing=True)
     trainer = hf.Trainer(model=model, args=args, train_dataset=rows)
     handle = planner.plan_trainer(trainer, "60%")
     assert handle.plan.choices and handle.measured.peak_bytes <= handle.plan.budget_bytes
+    assert not trainer.args.activation_checkpointing
     existing = [*model.parameters(), *model.buffers()]
     tracker = StorageTracker("cpu", existing)
     with tracker:
@@ -347,6 +350,17 @@ def test_a_trainer_holds_its_budget_with_the_plan(tmp_path):
     before = sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in existing}.values())
     assert before + tracker.peak_bytes <= handle.plan.budget_bytes
     assert "forward" not in vars(model.transformer.h[0])  # the plan came off when training ended
+
+
+def test_a_model_checkpointing_its_own_layers_is_planned_without_it(caplog):
+    model, batch, optimizer = build("gpt2")
+    unplanned = planner.simulate(planner.profile(model, batch, optimizer=optimizer)).peak_bytes
+    model.activation_checkpointing_enable()
+    with caplog.at_level(logging.WARNING, logger="planner.planning"):
+        handle = planner.auto(model, batch, "60%", optimizer=optimizer)
+    assert "checkpoints its layers itself" in caplog.text
+    assert not model.is_activation_checkpointing
+    assert handle.plan.unplanned_peak_bytes == unplanned and handle.measured.peak_bytes <= handle.plan.budget_bytes
 
 
 def test_a_region_keeping_its_random_draws_replays_none_of_them():
