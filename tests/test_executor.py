@@ -145,6 +145,19 @@ def test_remove_restores_the_model_exactly():
     assert [name for name, _ in w.model.named_modules()] == modules
 
 
+def test_remove_gives_a_compiled_unit_its_own_forward_back():
+    """A unit that torch.compile wrapped (blocks compiled one by one) has a forward of its own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+    model[2] = torch.compile(model[2], backend="eager")
+    own = vars(model[2])["forward"]
+    graph = planner.profile(model, torch.randn(8, 16), units=["0", "2"])
+    with planner.apply(model, plan_of(graph, Choice(Action.RECOMPUTE, (1,)))):
+        model(torch.randn(8, 16)).sum().backward()
+    assert vars(model[2])["forward"] is own
+    model(torch.randn(8, 16))
+
+
 def test_plan_for_another_model_is_refused():
     _, gpt_graph = profiled("gpt")
     w, _ = profiled("resnet")

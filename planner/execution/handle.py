@@ -84,9 +84,11 @@ class Handle:
         self.measured = None
         self._hooks: list = []
         self._config = contextlib.ExitStack()
+        self._own: dict[str, Callable] = {}  # a unit's instance-level forward before the plan's (torch.compile's)
 
     # Installation.
     def install(self) -> None:
+        self._own = {name: vars(self.modules[name])["forward"] for name in self.names if "forward" in vars(self.modules[name])}
         for name in self.names:
             module = self.modules[name]
             module.forward = self._forward(name, module.forward)
@@ -99,6 +101,8 @@ class Handle:
     def remove(self) -> None:
         for name in self.names:
             self.modules[name].__dict__.pop("forward", None)
+            if name in self._own:
+                self.modules[name].forward = self._own[name]
         for h in self._hooks:
             h.remove()
         self._hooks = []
