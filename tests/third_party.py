@@ -1,7 +1,9 @@
 """Small models the project did not write, built from configs with random weights (nothing downloaded).
 
 Each entry builds (model, batch): a Hugging Face transformers model whose forward computes its own
-loss from `labels`, or torch's own nn.Transformer inside a small language model.
+loss from `labels`, torch's own nn.Transformer inside a small language model, or a user's own nested
+model of torch modules (those two take a loss from LOSSES). MODELS are the ones the tests plan;
+`more()` adds the ones `bench.third_party` plans beside them.
 """
 
 from __future__ import annotations
@@ -156,10 +158,6 @@ def _lm(cls, config, batch: int = 4, length: int = 128):
     return cls(config), {**tokens, "labels": tokens["input_ids"]}
 
 
-def _seq2seq(model):
-    return model, {**_tokens(4, 128), "labels": torch.randint(3, VOCAB, (4, 64))}
-
-
 def more():
     """Further models, which `bench.third_party` plans beside MODELS (the tests keep to MODELS)."""
     import transformers as hf
@@ -178,7 +176,8 @@ def more():
         "deberta": lambda: (hf.DebertaV2ForSequenceClassification(hf.DebertaV2Config(
             hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, vocab_size=VOCAB,
             num_labels=3)), {**_tokens(8, 128, mask=True), "labels": torch.randint(0, 3, (8,))}),
-        "bart": lambda: _seq2seq(hf.BartForConditionalGeneration(hf.BartConfig(**encdec, forced_eos_token_id=None))),
+        "bart": lambda: (hf.BartForConditionalGeneration(hf.BartConfig(**encdec, forced_eos_token_id=None)),
+                         {**_tokens(4, 128), "labels": torch.randint(3, VOCAB, (4, 64))}),
         "whisper": lambda: (hf.WhisperForConditionalGeneration(hf.WhisperConfig(
             **encdec, num_mel_bins=40, max_source_positions=150, max_target_positions=64, pad_token_id=1)),
             {"input_features": torch.randn(4, 40, 300), "labels": torch.randint(3, VOCAB, (4, 32))}),
