@@ -9,7 +9,9 @@ activations, and the planned step's predicted and measured peak and overhead. Pe
 on the loop as a user writes it, by live storages in this process and by the rise of the
 high-water mark in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536, with every layer run
 where a model skips layers at random (LayerDrop: the step a plan is made for); overhead is the
-median of 7 planned steps over the median of 7 unplanned ones taken in turns.
+median of 7 planned steps over the median of 7 unplanned ones taken in turns; then two steps under
+the plan are compared bit for bit (losses, gradients, parameters and buffers) with two steps of the
+same model built again without it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import planner
@@ -80,6 +83,30 @@ def overhead(model, batch, optimizer, loss_fn, handle) -> float:
     return statistics.median(planned) / statistics.median(plain) - 1
 
 
+def trained(model, batch, optimizer, loss_fn, steps: int = 2) -> list[torch.Tensor]:
+    """Losses, gradients and the state after `steps` steps of the user's loop, from the same seeds."""
+    torch.manual_seed(1)
+    np.random.seed(1)
+    out = []
+    for _ in range(steps):
+        output = model(**batch) if isinstance(batch, dict) else model(*batch)
+        loss = output.loss if loss_fn is None else loss_fn(output)
+        loss.backward()
+        out += [loss.detach(), *(p.grad.clone() for p in model.parameters() if p.grad is not None)]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return out + [t.clone() for t in model.state_dict().values()]
+
+
+def identical(name: str, model, batch, optimizer, loss_fn, handle) -> bool:
+    """Whether training under the plan is bit-identical to training the same model without it."""
+    planned = trained(model, batch, optimizer, loss_fn)
+    handle.remove()
+    reference, _, reference_optimizer, _ = build(name)
+    expected = trained(reference, batch, reference_optimizer, loss_fn)
+    return len(planned) == len(expected) and all(torch.equal(a, b) for a, b in zip(planned, expected))
+
+
 def measure(name: str, directory: Path) -> dict:
     model, batch, optimizer, loss_fn = build(name)
     graph = planner.profile(model, batch, loss_fn=loss_fn, optimizer=optimizer)
@@ -97,7 +124,8 @@ def measure(name: str, directory: Path) -> dict:
     return {**row, "planned_predicted": handle.plan.predicted_peak_bytes, "planned": planned,
             "planned_hwm": hwm(name, handle.plan, directory), "regions": regions,
             "overhead_predicted": handle.plan.overhead_pct / 100,
-            "overhead": overhead(model, batch, optimizer, loss_fn, handle)}
+            "overhead": overhead(model, batch, optimizer, loss_fn, handle),
+            "identical": identical(name, model, batch, optimizer, loss_fn, handle)}
 
 
 def hwm(name: str, plan: Plan | None, directory: Path) -> int:
@@ -120,17 +148,18 @@ def _one_hwm(name: str, plan_path: str | None) -> int:
 def table(rows: list[dict]) -> str:
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     lines = [
-        "| model | units | unplanned: predicted / live / high-water MiB | budget MiB | planned: predicted / live / high-water MiB | overhead predicted / measured |",
-        "|---|---|---|---|---|---|",
+        "| model | units | unplanned: predicted / live / high-water MiB | budget MiB | planned: predicted / live / high-water MiB | overhead predicted / measured | bit-identical |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         unplanned = f"{mib(r['unplanned_predicted'])} / {mib(r['unplanned'])} / {mib(r['unplanned_hwm'])}"
         if "refused" in r:
-            planned, cost = f"refused: {r['refused'].split(';')[-1].strip()}", ""
+            planned, cost, same = f"refused: {r['refused'].split(';')[-1].strip()}", "", ""
         else:
             planned = f"{mib(r['planned_predicted'])} / {mib(r['planned'])} / {mib(r['planned_hwm'])}"
             cost = f"{100 * r['overhead_predicted']:+.0f}% / {100 * r['overhead']:+.0f}%"
-        lines.append(f"| {r['model']} | {r['units']} | {unplanned} | {mib(r['budget'])} | {planned} | {cost} |")
+            same = "yes" if r["identical"] else "no"
+        lines.append(f"| {r['model']} | {r['units']} | {unplanned} | {mib(r['budget'])} | {planned} | {cost} | {same} |")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ predicted peak and overhead.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -177,6 +178,10 @@ class BudgetExceeded(ValueError):
 
 
 MAX_REPLANS = 2  # plans made again when the checked step is over the budget
+# The rise of the process's high-water mark is the step's own where the C library gives back what is
+# freed (a process started with MALLOC_MMAP_THRESHOLD_ set); otherwise it keeps and reuses freed memory
+# as it likes, and the rise may count heap the steps before it left in pieces.
+RETURNS_FREED_MEMORY = "MALLOC_MMAP_THRESHOLD_" in os.environ
 
 
 def auto(
@@ -241,9 +246,9 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
     the random number generators are left as they were); returns the handle, `handle.measured` the
     measurement.
 
-    The step's peak (on a CPU, live storages and the rise of the process's high-water mark, which sees
-    what bypasses the dispatcher; on CUDA, what the allocator reserves) is compared with the plan's
-    budget. Where it is over, or a replay fails where its forward ran (`ReplayFailed`), a
+    The step's peak (on a CPU, live storages, and where the C library gives back what is freed the rise
+    of the process's high-water mark, which sees what bypasses the dispatcher; on CUDA, what the
+    allocator reserves) is compared with the plan's budget. Where it is over, or a replay fails where its forward ran (`ReplayFailed`), a
     step with every unit recomputed on its own finds the units whose replays leave memory behind, and
     the plan is made again (`plan(graph, budget, **solve)`) without recomputing those or the failed
     ones, or, if there are none, with the excess kept free (a warning says so), up to MAX_REPLANS
@@ -296,7 +301,8 @@ def _checked_step(handle, model, example_batch, **step_args) -> tuple[set[int], 
     failed, peak = set(), 0
     try:
         measured = handle.measured = measure(model, example_batch, steps=0, warmup=warmup, **step_args)
-        peak = max(measured.peak_bytes, measured.reserved_bytes or 0, measured.process_peak_bytes or 0)
+        process = measured.process_peak_bytes if RETURNS_FREED_MEMORY else None
+        peak = max(measured.peak_bytes, measured.reserved_bytes or 0, process or 0)
     except ReplayFailed as err:
         failed = set(err.units)
     return agreed_union(failed), worst_peak(peak)
