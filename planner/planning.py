@@ -179,9 +179,10 @@ class BudgetExceeded(ValueError):
 
 MAX_REPLANS = 2  # plans made again when the checked step is over the budget
 # The rise of the process's high-water mark is the step's own where the C library gives back what is
-# freed (a process started with MALLOC_MMAP_THRESHOLD_ set); otherwise it keeps and reuses freed memory
-# as it likes, and the rise may count heap the steps before it left in pieces.
-RETURNS_FREED_MEMORY = "MALLOC_MMAP_THRESHOLD_" in os.environ
+# freed (a process started with MALLOC_MMAP_THRESHOLD_ at 1 MiB or less: every tensor that size or
+# larger is mapped on its own); otherwise it keeps and reuses freed memory as it likes, and the rise may
+# count heap the steps before it left in pieces.
+RETURNS_FREED_MEMORY = os.environ.get("MALLOC_MMAP_THRESHOLD_", "").isdigit() and int(os.environ["MALLOC_MMAP_THRESHOLD_"]) <= 1 << 20
 
 
 def auto(
