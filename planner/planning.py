@@ -182,7 +182,8 @@ MAX_REPLANS = 2  # plans made again when the checked step is over the budget
 # freed (a process started with MALLOC_MMAP_THRESHOLD_ at 1 MiB or less: every tensor that size or
 # larger is mapped on its own); otherwise it keeps and reuses freed memory as it likes, and the rise may
 # count heap the steps before it left in pieces.
-RETURNS_FREED_MEMORY = os.environ.get("MALLOC_MMAP_THRESHOLD_", "").isdigit() and int(os.environ["MALLOC_MMAP_THRESHOLD_"]) <= 1 << 20
+_MMAP_THRESHOLD = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
+RETURNS_FREED_MEMORY = _MMAP_THRESHOLD.isdigit() and int(_MMAP_THRESHOLD) <= 1 << 20
 
 
 def auto(
