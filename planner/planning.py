@@ -250,8 +250,8 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
 
     The step's peak (on a CPU, live storages, and where the C library gives back what is freed the rise
     of the process's high-water mark, which sees what bypasses the dispatcher; on CUDA, what the
-    allocator reserves) is compared with the plan's budget. Where it is over, or a replay fails where its forward ran (`ReplayFailed`), a
-    step with every unit recomputed on its own finds the units whose replays leave memory behind, and
+    allocator reserves) is compared with the plan's budget. Where it is over, or a replay fails where
+    its forward ran (`ReplayFailed`), a step with every unit recomputed on its own finds the units whose replays leave memory behind, and
     the plan is made again (`plan(graph, budget, **solve)`) without recomputing those or the failed
     ones, or, if there are none, with the excess kept free (a warning says so), up to MAX_REPLANS
     times; then BudgetExceeded. `step_args` are the step's `loss_fn`,
