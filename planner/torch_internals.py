@@ -71,6 +71,16 @@ def outside_checkpoint_modes() -> Iterator[None]:
         yield
 
 
+def autocast_caches(func: torch._ops.OpOverload, args: tuple, kwargs: dict, dtype: torch.dtype) -> bool:
+    """Whether autocast to `dtype` keeps this call's result in its cache of casts until the outermost
+    autocast context ends, however soon autograd lets it go: a cast of a float32 leaf that requires grad
+    (a parameter) to `dtype` (relies on `cached_cast` in ATen's autocast_mode.cpp)."""
+    if func is not torch.ops.aten._to_copy.default or kwargs.get("dtype") is not dtype:
+        return False
+    source = args[0]
+    return source.dtype is torch.float32 and source.requires_grad and source.is_leaf and not source._is_view()
+
+
 def in_backward() -> bool:
     """Whether the autograd engine is running a backward on this thread (its graph task id is set)."""
     return torch._C._current_graph_task_id() != -1

@@ -4,6 +4,7 @@ loop as a user writes it, the prediction matches it, and training is bit-identic
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 
@@ -14,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import planner
+from planner import planning
 from planner.core.actions import Action, Choice, Kept
 from planner.core.graph import Category
 from planner.core.plan import Plan
@@ -234,6 +236,41 @@ def test_a_replay_that_runs_other_operators_is_named_and_planned_around(caplog):
     assert handle.measured.peak_bytes <= plan.budget_bytes
     assert all(1 not in c.units for c in handle.plan.choices if c.action is Action.RECOMPUTE)
     handle.remove()
+
+
+def test_where_the_high_water_mark_counts_the_checked_step_keeps_room_for_the_heap(monkeypatch, caplog):
+    """In a process whose C library gives freed memory back, the checked step counts the rise of the
+    high-water mark with HEAP_SLACK_BYTES more: a step measured within that of the budget is planned again
+    with the excess kept free."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(Block(64) for _ in range(4)))
+    x = torch.randn(512, 64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    graph = planner.profile(model, x, optimizer=optimizer)
+    plan = planner.plan(graph, int(0.8 * planner.simulate(graph).peak_bytes))
+    heap = plan.budget_bytes - plan.predicted_peak_bytes - planning.HEAP_SLACK_BYTES // 2  # beside live storages
+    measure = planning.measure
+    monkeypatch.setattr(planning, "RETURNS_FREED_MEMORY", True)
+    monkeypatch.setattr(planning, "measure", lambda *args, **kwargs: dataclasses.replace(
+        m := measure(*args, **kwargs), process_peak_bytes=m.peak_bytes + heap))
+    with caplog.at_level(logging.WARNING, logger="planner.planning"):
+        handle = hold(model, graph, plan, x, optimizer=optimizer)
+    assert "counted with 256 KiB for the heap" in caplog.text
+    assert handle.measured.process_peak_bytes + planning.HEAP_SLACK_BYTES <= plan.budget_bytes
+    handle.remove()
+
+
+@pytest.mark.parametrize("name, recomputed", [("llama", 3), ("t5", 4)])
+def test_under_autocast_the_casts_of_a_recomputed_layers_weights_live_until_the_forward_ends(name, recomputed):
+    """Autocast keeps its casts of parameters in a cache until its context ends, whether autograd saves
+    them or not: recomputing a layer frees its weights' casts only from then on."""
+    model, batch, optimizer = build(name)
+    step = {"optimizer": optimizer, "autocast_dtype": torch.bfloat16}
+    graph = planner.profile(model, batch, **step)
+    layers = [u.index for u in graph.units if type(model.get_submodule(u.name)).__name__ in ("LlamaDecoderLayer", "T5Block")]
+    plan = plan_of(graph, *(Choice(Action.RECOMPUTE, (u,)) for u in layers[:recomputed]))
+    with planner.apply(model, plan):
+        assert planner.measure(model, batch, steps=0, **step).peak_bytes == plan.predicted_peak_bytes
 
 
 def accumulating_step(model, micro_batches, optimizer, scaler):

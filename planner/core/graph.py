@@ -134,7 +134,8 @@ class Block:
 
     `owner` is the unit whose forward (or backward) allocated it, `savers` the
     units whose forward saved it for backward (-1 stands for code outside every
-    unit), `last_use` the last forward tick at which an operator read it.
+    unit), `last_use` the last forward tick at which an operator read it (for a
+    cast of a parameter that autocast caches, the end of the forward).
     """
 
     bytes: int

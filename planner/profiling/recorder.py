@@ -20,7 +20,7 @@ from torch import nn
 
 from planner.core import costmodel
 from planner.core.graph import Phase
-from planner.torch_internals import flop_registry, in_backward, takes_shapes, writes_inputs
+from planner.torch_internals import autocast_caches, flop_registry, in_backward, takes_shapes, writes_inputs
 from planner.tracking import StorageTracker, allocated_bytes, public_state, storage_bytes, storage_key, tensors_held, tensors_in
 from planner.units import buffers_of
 
@@ -36,7 +36,7 @@ class RecordedBlock:
     free: int | None = None
     savers: set[int] = field(default_factory=set)
     sources: frozenset[int] = frozenset()  # units whose outputs this storage was computed from
-    last_use: int | None = None
+    last_use: int | None = None  # forward read it last, or autocast's cache of casts let it go
     op: str = ""
     op_call: int = 0
     mutated: bool = False  # written in place after it was made
@@ -116,6 +116,8 @@ class Recorder(StorageTracker):
         self.other_bytes = 0
         self.last_outputs: set[int] = set()  # ids of the tensors the last unit returned
         self.op_name = ""
+        self.autocast: torch.dtype | None = None  # autocast's dtype where the last unit entered under it
+        self.cast_cache: list[RecordedBlock] = []  # casts autocast keeps until it ends (`autocast_caches`)
 
     def before_op(self) -> None:
         """Phases as autograd and the optimizer say: a user's step need not mark them."""
@@ -163,6 +165,8 @@ class Recorder(StorageTracker):
         self.spans[-1][2] = self.tick
         self.stop_tracking()
         self._sum_backward()
+        for block in self.cast_cache:  # autocast's context ends with the forward, as the step's and the usual loop's do
+            block.last_use = max(block.last_use or block.alloc, self.span_end(block.alloc))
 
     def _sum_backward(self) -> None:
         """Backward times by unit. The first call of an operator on inputs of some shapes may load or
@@ -210,6 +214,8 @@ class Recorder(StorageTracker):
             # an operator's outputs that share an input's storage wrote into it, if its schema says so
             written = {storage_key(t) for t in outs} & inputs if writes_inputs(func) else set()
             self._trace_forward(inputs, new, written, call)
+            if self.autocast is not None and autocast_caches(func, args, kwargs, self.autocast):
+                self.cast_cache.extend(self.open[k] for k in new)
             if unit is not None:
                 random = _draws_random(func, args, kwargs)
                 # cuDNN's RNN dropout draws from cuDNN's own state, which no checkpoint saves and restores
@@ -281,6 +287,9 @@ class Recorder(StorageTracker):
     # Units.
     def enter_unit(self, name: str, call: int, module: nn.Module, inputs: Any) -> None:
         tensors = list(tensors_in(inputs))
+        device = self.device.type  # (autocast's state reads true here, outside the dispatcher, not in `on_op`)
+        cached = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and torch.is_autocast_cache_enabled()
+        self.autocast = torch.get_autocast_dtype(device) if cached else None
         unit = RecordedUnit(name, call, type(module).__name__, self.tick, storage_bytes(tensors))
         unit.inputs = list({id(b): b for t in tensors if (b := self.open.get(storage_key(t))) is not None}.values())
         unit.buffer_bytes = sum(allocated_bytes(b.numel() * b.element_size(), self.device) for b in buffers_of([module]))
