@@ -254,12 +254,12 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
 
     The step's peak (on a CPU, live storages, and where the C library gives back what is freed the rise
     of the process's high-water mark, which sees what bypasses the dispatcher, with HEAP_SLACK_BYTES
-    more; on CUDA, what the allocator reserves) is compared with the plan's budget. Where it is over, or a replay fails where
-    its forward ran (`ReplayFailed`), a step with every unit recomputed on its own finds the units whose replays leave memory behind, and
-    the plan is made again (`plan(graph, budget, **solve)`) without recomputing those or the failed
-    ones, or, if there are none, with the excess kept free (a warning says so), up to MAX_REPLANS
-    times; then BudgetExceeded. `step_args` are the step's `loss_fn`,
-    `optimizer`, `step` and `autocast_dtype`, as `profile` takes them. Collective under
+    more; on CUDA, what the allocator reserves) is compared with the plan's budget. Where it is over, or
+    a replay fails where its forward ran (`ReplayFailed`), a step with every unit recomputed on its own
+    finds the units whose replays leave memory behind, and the plan is made again (`plan(graph, budget,
+    **solve)`) without recomputing those or the failed ones, or, if there are none, with the excess kept
+    free (a warning says so), up to MAX_REPLANS times; then BudgetExceeded. `step_args` are the step's
+    `loss_fn`, `optimizer`, `step` and `autocast_dtype`, as `profile` takes them. Collective under
     torch.distributed.
     """
     solve = solve or {}
@@ -270,8 +270,8 @@ def hold(model, graph: ProfiledGraph, chosen: Plan, example_batch=None, *, solve
             return handle
         handle.remove()
         over = (f"the planned step failed in the replay of {_keys(graph, failed)}" if failed else
-                f"the planned step measured {format_bytes(peak)}{_HEAP if RETURNS_FREED_MEMORY else ''}, over the budget "
-                f"of {format_bytes(chosen.budget_bytes)}")
+                f"the planned step measured {format_bytes(peak)}{_HEAP if RETURNS_FREED_MEMORY else ''}, "
+                f"over the budget of {format_bytes(chosen.budget_bytes)}")
         if attempt == MAX_REPLANS:
             break
         with apply(model, plan_ranks(graph, 2 * chosen.unplanned_peak_bytes, solver="all", offload=False)) as probe:

@@ -267,7 +267,8 @@ def test_under_autocast_the_casts_of_a_recomputed_layers_weights_live_until_the_
     model, batch, optimizer = build(name)
     step = {"optimizer": optimizer, "autocast_dtype": torch.bfloat16}
     graph = planner.profile(model, batch, **step)
-    layers = [u.index for u in graph.units if type(model.get_submodule(u.name)).__name__ in ("LlamaDecoderLayer", "T5Block")]
+    blocks = ("LlamaDecoderLayer", "T5Block")
+    layers = [u.index for u in graph.units if type(model.get_submodule(u.name)).__name__ in blocks]
     plan = plan_of(graph, *(Choice(Action.RECOMPUTE, (u,)) for u in layers[:recomputed]))
     with planner.apply(model, plan):
         assert planner.measure(model, batch, steps=0, **step).peak_bytes == plan.predicted_peak_bytes

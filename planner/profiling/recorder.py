@@ -288,8 +288,8 @@ class Recorder(StorageTracker):
     def enter_unit(self, name: str, call: int, module: nn.Module, inputs: Any) -> None:
         tensors = list(tensors_in(inputs))
         device = self.device.type  # (autocast's state reads true here, outside the dispatcher, not in `on_op`)
-        cached = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and torch.is_autocast_cache_enabled()
-        self.autocast = torch.get_autocast_dtype(device) if cached else None
+        cached = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        self.autocast = torch.get_autocast_dtype(device) if cached and torch.is_autocast_cache_enabled() else None
         unit = RecordedUnit(name, call, type(module).__name__, self.tick, storage_bytes(tensors))
         unit.inputs = list({id(b): b for t in tensors if (b := self.open.get(storage_key(t))) is not None}.values())
         unit.buffer_bytes = sum(allocated_bytes(b.numel() * b.element_size(), self.device) for b in buffers_of([module]))
