@@ -71,7 +71,8 @@ def plan(
     unplanned = simulate(graph, roofline=roofline).peak_bytes
     budget_bytes = parse_budget(budget, unplanned)
     if offload and graph.compiled:
-        raise ValueError("offload does not run under torch.compile: plan a compiled step with offload=False")
+        raise ValueError("a plan for a compiled step's profile does not offload (an offloaded unit runs eagerly, "
+                         "outside the compiled code the profile measured): plan it with offload=False")
     if offload is None:
         offload = not graph.device.startswith("cpu") and not graph.compiled
     host_bytes = None if host_memory is None else size_bytes(host_memory)

@@ -81,6 +81,23 @@ def autocast_caches(func: torch._ops.OpOverload, args: tuple, kwargs: dict, dtyp
     return source.dtype is torch.float32 and source.requires_grad and source.is_leaf and not source._is_view()
 
 
+def draws_random(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> bool:
+    """Whether an operator call draws random numbers: a seeded operator (its `nondeterministic_seeded`
+    tag), unless its schema's dropout argument is 0."""
+    if torch.Tag.nondeterministic_seeded not in func.tags:
+        return False
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name in ("dropout_p", "dropout"):
+            return bool(args[i] if i < len(args) else kwargs.get(arg.name, arg.default_value))
+    return True
+
+
+def compiled_draws_as_eager() -> bool:
+    """Whether compiled code draws random numbers from torch's generator, as eager code does, and not
+    its own (inductor's `fallback_random`)."""
+    return torch._inductor.config.fallback_random
+
+
 def in_backward() -> bool:
     """Whether the autograd engine is running a backward on this thread (its graph task id is set)."""
     return torch._C._current_graph_task_id() != -1

@@ -5,6 +5,7 @@ with the losses of the compiled step without a plan, and a plan it cannot follow
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import replace
 
 import pytest
@@ -139,9 +140,31 @@ def test_a_plan_a_compiled_step_cannot_follow_is_refused_there():
     plan = replace(planner.plan(graph, "100%", solver="none"), choices=(Choice(Action.RECOMPUTE, blocks),))
     with planner.apply(model, plan), pytest.raises(NotCompilable, match="compiled=True"):
         losses(torch.compile(model), batch, loss_fn, optimizer)
-    with pytest.raises(ValueError, match="offload does not run under torch.compile"):
+    with pytest.raises(ValueError, match="compiled step's profile does not offload"):
         planner.plan(planner.profile(model, batch, loss_fn=loss_fn, optimizer=optimizer, compiled=True), "90%",
                      offload=True)
+
+
+def test_an_offloaded_unit_runs_eagerly_in_a_compiled_model_and_the_rest_compiles(caplog):
+    """With the dropout masks compiled code draws from torch's generator, as eager code does; otherwise
+    the offloaded unit's eager dropout would draw other masks, and the plan is refused there."""
+    with torch._inductor.config.patch(fallback_random=True):
+        model, batch, loss_fn, optimizer = gpt()
+        expected = losses(torch.compile(model), batch, loss_fn, optimizer)
+        torch.compiler.reset()
+
+        model, batch, loss_fn, optimizer = gpt()
+        graph = planner.profile(model, batch, loss_fn=loss_fn, optimizer=optimizer)
+        block = next(u for u in graph.units if u.name.startswith("blocks."))
+        plan = plan_of(graph, Choice(Action.OFFLOAD, (block.index,)))
+        with planner.apply(model, plan) as handle, caplog.at_level(logging.WARNING, logger="planner.execution.handle"):
+            got = losses(torch.compile(model), batch, loss_fn, optimizer)
+        assert handle.eager == {block.name}
+        assert f"{block.name} is offloaded and runs eagerly" in caplog.text
+        assert handle.offload.host_arrays  # its saved tensors went to host memory (NumPy arrays, kept for reuse)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)  # graphs split at the unit fuse otherwise
+    with planner.apply(model, plan), pytest.raises(NotCompilable, match="fallback_random"):
+        losses(torch.compile(model), batch, loss_fn, optimizer)
 
 
 def test_a_compiled_graph_with_the_eager_saved_bytes_is_the_eager_graph():

@@ -183,15 +183,15 @@ def test_empty_model_is_refused():
 
 
 def test_random_operators_are_known_by_their_dropout():
-    from planner.profiling.recorder import _draws_random
+    from planner.torch_internals import draws_random
 
     aten, q = torch.ops.aten, torch.empty(1, 1, 4, 4)
     efficient = aten._scaled_dot_product_efficient_attention.default
-    assert _draws_random(efficient, (q, q, q, None, True), {"dropout_p": 0.1})
-    assert _draws_random(efficient, (q, q, q, None, True, 0.1), {})
-    assert not _draws_random(efficient, (q, q, q, None, True), {})  # dropout_p defaults to 0
-    assert _draws_random(aten.native_dropout.default, (q, 0.5, True), {})
-    assert not _draws_random(aten.mm.default, (q[0, 0], q[0, 0]), {})
+    assert draws_random(efficient, (q, q, q, None, True), {"dropout_p": 0.1})
+    assert draws_random(efficient, (q, q, q, None, True, 0.1), {})
+    assert not draws_random(efficient, (q, q, q, None, True), {})  # dropout_p defaults to 0
+    assert draws_random(aten.native_dropout.default, (q, 0.5, True), {})
+    assert not draws_random(aten.mm.default, (q[0, 0], q[0, 0]), {})
 
 
 def test_a_mask_read_before_it_is_final_is_never_kept():

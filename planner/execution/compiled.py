@@ -6,9 +6,11 @@ recomputes runs through `torch.utils.checkpoint.checkpoint`, which Dynamo turns 
 the joint graph whose values AOTAutograd's partitioner recomputes in backward, keeping saved the
 outputs of the operator calls the plan names (a selective-checkpoint policy, as in eager). The
 partitioner saves the values that pass between two checkpointed calls, so a compiled step follows
-plans whose regions are single units, and offload (saved-tensor hooks, host copies) does not trace:
-`planner.plan` makes such plans for a compiled step's profile (`profile(..., compiled=True)`). A
-plan of another kind raises NotCompilable where Dynamo reaches a unit it cannot follow.
+plans whose regions are single units: `planner.plan` makes such plans for a compiled step's profile
+(`profile(..., compiled=True)`), and a region of several units raises NotCompilable where Dynamo
+reaches it. Offload (saved-tensor hooks, host copies) does not trace: an offloaded unit's calls run
+eagerly, a graph break around each, and the rest of the step compiles; where they draw random numbers,
+only if compiled code draws them as eager code does (`first_eager_call`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.utils import checkpoint as ckpt
 
 from planner.core.actions import Action, Kept, keeps
 from planner.core.plan import Plan
+from planner.torch_internals import TorchDispatchMode, compiled_draws_as_eager, draws_random
 
 
 class NotCompilable(ValueError):
@@ -29,16 +32,17 @@ class NotCompilable(ValueError):
 
 
 class Unit(NamedTuple):
-    """What a unit module's calls do under compile: `recompute` or not, and the operator calls its
-    recompute keeps saved (`Kept` with no unit)."""
+    """What a unit module's calls do under compile: `recompute` or not, the operator calls its
+    recompute keeps saved (`Kept` with no unit), or `offload` (eagerly)."""
 
     recompute: bool
     save_ops: frozenset[Kept] = frozenset()
+    offload: bool = False
 
 
 def static_choices(plan: Plan) -> dict[str, Unit | NotCompilable]:
     """For each module the plan names, what all its calls do under compile, or the NotCompilable to
-    raise when Dynamo reaches it (its calls differ, it offloads, or its region spans several units)."""
+    raise when Dynamo reaches it (its calls differ, or its region spans several units)."""
     chosen = {u: choice for choice in plan.choices for u in choice.units}
     by_module: dict[str, set[Unit | str]] = {}
     for u, key in enumerate(plan.units):
@@ -46,7 +50,7 @@ def static_choices(plan: Plan) -> dict[str, Unit | NotCompilable]:
         if choice is None:
             what: Unit | str = Unit(False)
         elif choice.action is Action.OFFLOAD:
-            what = "offloads"
+            what = Unit(False, offload=True)
         elif len(choice.units) > 1:
             what = "is recomputed in a region of several units"
         else:
@@ -63,10 +67,13 @@ def _one(name: str, whats: set[Unit | str]) -> Unit | NotCompilable:
                          "the compiled step (planner.profile(..., compiled=True), planner train --compile)")
 
 
-def compiled_call(unit: Unit | NotCompilable | None, forward: Callable, args: tuple, kwargs: dict):
-    """One unit call while Dynamo traces it, as `unit` (None: a module the plan does not name) says."""
+def compiled_call(unit: Unit | NotCompilable | None, forward: Callable, args: tuple, kwargs: dict, offload: Callable):
+    """One unit call while Dynamo traces it, as `unit` (None: a module the plan does not name) says;
+    `offload(forward, args, kwargs)` runs an offloaded one, outside the trace."""
     if isinstance(unit, NotCompilable):
         _refuse(unit)
+    if unit is not None and unit.offload:
+        return offload(forward, args, kwargs)
     if unit is None or not unit.recompute:
         return forward(*args, **kwargs)
     if not unit.save_ops:  # (Dynamo takes a context_fn made where it traces, not one read from outside)
@@ -96,3 +103,29 @@ def _selective(save_ops: frozenset[Kept]):
         return ckpt.CheckpointPolicy.PREFER_RECOMPUTE
 
     return ckpt.create_selective_checkpoint_contexts(policy)
+
+
+def first_eager_call(name: str, run: Callable[[], object]):
+    """`run()`, the first eager call of an offloaded unit in a compiled model, or NotCompilable where it drew
+    random numbers (a dropout's mask) that the compiled step would draw from a generator of its own."""
+    if compiled_draws_as_eager():
+        return run()
+    with _Draws() as draws:
+        output = run()
+    if draws.drew:
+        raise NotCompilable(f"under torch.compile, {name} is offloaded and runs eagerly, and it draws random numbers, "
+                            "which compiled code draws from a generator of its own: the step would train otherwise "
+                            "than without the plan; set torch._inductor.config.fallback_random = True before compiling, "
+                            "or make the plan for the compiled step (planner.profile(..., compiled=True))")
+    return output
+
+
+class _Draws(TorchDispatchMode):
+    """Notes whether an operator call under it draws random numbers."""
+
+    drew = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.drew = self.drew or draws_random(func, args, kwargs)
+        return func(*args, **kwargs)

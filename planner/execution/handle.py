@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable, Iterator
 
 import torch
@@ -22,12 +23,14 @@ from torch import nn
 
 from planner.core.actions import Action, Choice
 from planner.core.plan import Plan
-from planner.execution.compiled import compiled_call, static_choices
+from planner.execution.compiled import compiled_call, first_eager_call, static_choices
 from planner.execution.offload import Offloader
 from planner.execution.recompute import Regions
 from planner.step import layer_drop
 from planner.torch_internals import forget_compiled_code, original, side_effects_once_under_checkpoint
 from planner.units import buffers_of, fingerprint
+
+log = logging.getLogger(__name__)
 
 
 class PlanMismatch(ValueError):
@@ -85,6 +88,7 @@ class Handle:
         self._hooks: list = []
         self._config = contextlib.ExitStack()
         self._own: dict[str, Callable] = {}  # a unit's instance-level forward before the plan's (torch.compile's)
+        self.eager: set[str] = set()  # offloaded units that ran eagerly in a compiled model
 
     # Installation.
     def install(self) -> None:
@@ -148,7 +152,7 @@ class Handle:
         @functools.wraps(forward)
         def run(*args, **kwargs):
             if torch.compiler.is_compiling():
-                return compiled_call(self.static.get(name), forward, args, kwargs)
+                return compiled_call(self.static.get(name), forward, args, kwargs, functools.partial(self._eager, name))
             if self.depth or not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
             call = self.calls.get(name, 0)
@@ -170,6 +174,17 @@ class Handle:
         if choice.action is Action.OFFLOAD:
             return self.offload.run(forward, args, kwargs, self.modules[name])
         return self.regions.run(choice, position, functools.partial(self._buffers, choice), forward, args, kwargs)
+
+    @torch.compiler.disable
+    def _eager(self, name: str, forward: Callable, args: tuple, kwargs: dict):
+        """An offloaded call of a compiled model, run eagerly: saved-tensor hooks and host copies do not trace."""
+        run = functools.partial(self.offload.run, forward, args, kwargs, self.modules[name])
+        if name in self.eager:
+            return run()
+        output = first_eager_call(name, run)
+        self.eager.add(name)
+        log.warning("under torch.compile, %s is offloaded and runs eagerly, with a graph break around it", name)
+        return output
 
     def _buffers(self, choice: Choice) -> list[torch.Tensor]:
         """The buffers of the modules of `choice`'s units, each once."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from planner.core import costmodel
 from planner.core.graph import Phase
-from planner.torch_internals import autocast_caches, flop_registry, in_backward, takes_shapes, writes_inputs
+from planner.torch_internals import autocast_caches, draws_random, flop_registry, in_backward, takes_shapes, writes_inputs
 from planner.tracking import StorageTracker, allocated_bytes, public_state, storage_bytes, storage_key, tensors_held, tensors_in
 from planner.units import buffers_of
 
@@ -217,7 +217,7 @@ class Recorder(StorageTracker):
             if self.autocast is not None and autocast_caches(func, args, kwargs, self.autocast):
                 self.cast_cache.extend(self.open[k] for k in new)
             if unit is not None:
-                random = _draws_random(func, args, kwargs)
+                random = draws_random(func, args, kwargs)
                 # cuDNN's RNN dropout draws from cuDNN's own state, which no checkpoint saves and restores
                 unit.replayable &= not (random and func.overloadpacket is torch.ops.aten._cudnn_rnn)
                 unit.fwd_ms += ms
@@ -339,16 +339,6 @@ class Recorder(StorageTracker):
                 block.sources = frozenset({self.current})
         self.last_outputs = {id(t) for t in tensors}
         self.current = None
-
-
-def _draws_random(func, args, kwargs) -> bool:
-    """Whether an operator call draws random numbers: a seeded operator, unless its dropout is 0."""
-    if torch.Tag.nondeterministic_seeded not in func.tags:
-        return False
-    for i, arg in enumerate(func._schema.arguments):
-        if arg.name in ("dropout_p", "dropout"):
-            return bool(args[i] if i < len(args) else kwargs.get(arg.name, arg.default_value))
-    return True
 
 
 def _flops(func, args, kwargs, out) -> int:
