@@ -288,8 +288,9 @@ def accumulating_step(model, micro_batches, optimizer, scaler):
     return step
 
 
-def test_a_step_of_the_users_own_is_planned_as_it_runs():
-    model, batch, optimizer = build("gpt2")
+@pytest.mark.parametrize("name", ["gpt2", "llama"])  # LLaMA's first operator runs in its first unit
+def test_a_step_of_the_users_own_is_planned_as_it_runs(name):
+    model, batch, optimizer = build(name)
     micro = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     step = accumulating_step(model, micro, optimizer, scaler)
@@ -310,7 +311,7 @@ def test_a_step_of_the_users_own_is_planned_as_it_runs():
 
     planned = run(model, optimizer, scaler)
     handle.remove()
-    reference, _, reference_optimizer = build("gpt2")
+    reference, _, reference_optimizer = build(name)
     expected = run(reference, reference_optimizer, torch.amp.GradScaler("cpu", init_scale=1024.0))
     assert all(torch.equal(planned[k], expected[k]) for k in expected)
 

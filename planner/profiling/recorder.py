@@ -286,6 +286,7 @@ class Recorder(StorageTracker):
 
     # Units.
     def enter_unit(self, name: str, call: int, module: nn.Module, inputs: Any) -> None:
+        self.before_op()  # a forward after a backward (the next micro-batch's) may begin in a unit
         tensors = list(tensors_in(inputs))
         device = self.device.type  # (autocast's state reads true here, outside the dispatcher, not in `on_op`)
         cached = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
