@@ -95,7 +95,9 @@ def draws_random(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> bool
 def compiled_draws_as_eager() -> bool:
     """Whether compiled code draws random numbers from torch's generator, as eager code does, and not
     its own (inductor's `fallback_random`)."""
-    return torch._inductor.config.fallback_random
+    from torch._inductor import config
+
+    return config.fallback_random
 
 
 def in_backward() -> bool:
