@@ -3,7 +3,8 @@ models the tests plan, and more).
 
     python -m bench.third_party                   # writes bench/third_party.json
 
-Per model: the predicted and measured peak of the unplanned step, then `planner.auto` at fixed
+Per model (two of them also under bfloat16 autocast, as a mixed-precision loop trains them): the
+predicted and measured peak of the unplanned step, then `planner.auto` at fixed
 memory (parameters, gradients, optimizer state, buffers, the batch) + 50% of the measured
 activations, and the planned step's predicted and measured peak and overhead. Peaks are measured
 on the loop as a user writes it, by live storages in this process and by the rise of the
@@ -37,60 +38,67 @@ from planner.core.plan import Plan
 from tests.third_party import LOSSES, MODELS, more
 
 STEPS = 7
-ALL = {**MODELS, **more()}
+AUTOCAST = {"llama, bf16 autocast": ("llama", torch.bfloat16), "t5, bf16 autocast": ("t5", torch.bfloat16)}
+ALL = {**MODELS, **more(), **{name: MODELS[model] for name, (model, _) in AUTOCAST.items()}}
 
 
 def build(name: str):
+    """The model, its batch, an optimizer, its loss (None: its own) and the dtype its loop autocasts to."""
     torch.manual_seed(0)
     model, batch = ALL[name]()
-    return model, batch, torch.optim.AdamW(model.parameters(), lr=1e-3), LOSSES.get(name)
+    dtype = AUTOCAST[name][1] if name in AUTOCAST else None
+    return model, batch, torch.optim.AdamW(model.parameters(), lr=1e-3), LOSSES.get(name), dtype
 
 
-def user_step(model, batch, optimizer, loss_fn) -> None:
-    output = model(**batch) if isinstance(batch, dict) else model(*batch)
-    loss = output.loss if loss_fn is None else loss_fn(output)
-    del output
+def forward_loss(model, batch, loss_fn, dtype):
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        output = model(**batch) if isinstance(batch, dict) else model(*batch)
+        return output.loss if loss_fn is None else loss_fn(output)
+
+
+def user_step(model, batch, optimizer, loss_fn, dtype=None) -> None:
+    loss = forward_loss(model, batch, loss_fn, dtype)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def peaks(model, batch, optimizer, loss_fn) -> tuple[int, int | None]:
+def peaks(model, batch, optimizer, loss_fn, dtype=None) -> tuple[int, int | None]:
     """(live storages, rise of the high-water mark) of a steady-state step, with what existed before it."""
     with preserved(model, optimizer), every_layer_runs(model):
         # the warm-up runs under a tracker too, as the measured step will (see planner.measurement._warm_up)
         with StorageTracker("cpu") as warm:
-            user_step(model, batch, optimizer, loss_fn)
+            user_step(model, batch, optimizer, loss_fn, dtype)
         warm.stop_tracking()
         existing = [*model.parameters(), *model.buffers(), *tensors_in(optimizer.state), *tensors_in(batch)]
         before = sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in existing}.values())
         tracker = StorageTracker("cpu", existing)
         with high_water_mark() as rise, tracker:
-            user_step(model, batch, optimizer, loss_fn)
+            user_step(model, batch, optimizer, loss_fn, dtype)
         tracker.stop_tracking()
     return before + tracker.peak_bytes, None if rise() is None else before + rise()
 
 
-def overhead(model, batch, optimizer, loss_fn, handle) -> float:
+def overhead(model, batch, optimizer, loss_fn, dtype, handle) -> float:
     plain, planned = [], []
+    step = lambda: user_step(model, batch, optimizer, loss_fn, dtype)  # noqa: E731
     with preserved(model, optimizer):
-        user_step(model, batch, optimizer, loss_fn)
+        step()
         for _ in range(STEPS):
             handle.remove()
-            plain.append(timed_ms(lambda: user_step(model, batch, optimizer, loss_fn), torch.device("cpu")))
+            plain.append(timed_ms(step, torch.device("cpu")))
             handle.install()
-            planned.append(timed_ms(lambda: user_step(model, batch, optimizer, loss_fn), torch.device("cpu")))
+            planned.append(timed_ms(step, torch.device("cpu")))
     return statistics.median(planned) / statistics.median(plain) - 1
 
 
-def trained(model, batch, optimizer, loss_fn, steps: int = 2) -> list[torch.Tensor]:
+def trained(model, batch, optimizer, loss_fn, dtype, steps: int = 2) -> list[torch.Tensor]:
     """Losses, gradients and the state after `steps` steps of the user's loop, from the same seeds."""
     torch.manual_seed(1)
     np.random.seed(1)
     out = []
     for _ in range(steps):
-        output = model(**batch) if isinstance(batch, dict) else model(*batch)
-        loss = output.loss if loss_fn is None else loss_fn(output)
+        loss = forward_loss(model, batch, loss_fn, dtype)
         loss.backward()
         out += [loss.detach(), *(p.grad.clone() for p in model.parameters() if p.grad is not None)]
         optimizer.step()
@@ -98,34 +106,35 @@ def trained(model, batch, optimizer, loss_fn, steps: int = 2) -> list[torch.Tens
     return out + [t.clone() for t in model.state_dict().values()]
 
 
-def identical(name: str, model, batch, optimizer, loss_fn, handle) -> bool:
+def identical(name: str, model, batch, optimizer, loss_fn, dtype, handle) -> bool:
     """Whether training under the plan is bit-identical to training the same model without it."""
-    planned = trained(model, batch, optimizer, loss_fn)
+    planned = trained(model, batch, optimizer, loss_fn, dtype)
     handle.remove()
-    reference, _, reference_optimizer, _ = build(name)
-    expected = trained(reference, batch, reference_optimizer, loss_fn)
+    reference, _, reference_optimizer, _, _ = build(name)
+    expected = trained(reference, batch, reference_optimizer, loss_fn, dtype)
     return len(planned) == len(expected) and all(torch.equal(a, b) for a, b in zip(planned, expected))
 
 
 def measure(name: str, directory: Path) -> dict:
-    model, batch, optimizer, loss_fn = build(name)
-    graph = planner.profile(model, batch, loss_fn=loss_fn, optimizer=optimizer)
-    unplanned, _ = peaks(model, batch, optimizer, loss_fn)
+    model, batch, optimizer, loss_fn, dtype = build(name)
+    step = {"loss_fn": loss_fn, "optimizer": optimizer, "autocast_dtype": dtype}
+    graph = planner.profile(model, batch, **step)
+    unplanned, _ = peaks(model, batch, optimizer, loss_fn, dtype)
     fixed = graph.fixed.total + sum(b.bytes for b in graph.blocks if b.category is Category.GRADIENTS)
     budget = int(fixed + 0.5 * (unplanned - fixed))
     row = {"model": name, "units": len(graph.units), "unplanned_predicted": planner.simulate(graph).peak_bytes,
            "unplanned": unplanned, "unplanned_hwm": hwm(name, None, directory), "fixed": fixed, "budget": budget}
     try:
-        handle = planner.auto(model, batch, budget, loss_fn=loss_fn, optimizer=optimizer)
+        handle = planner.auto(model, batch, budget, **step)
     except ValueError as err:
         return {**row, "refused": str(err)}
-    planned, _ = peaks(model, batch, optimizer, loss_fn)
+    planned, _ = peaks(model, batch, optimizer, loss_fn, dtype)
     regions = sum(c.action.value == "recompute" for c in handle.plan.choices)
     return {**row, "planned_predicted": handle.plan.predicted_peak_bytes, "planned": planned,
             "planned_hwm": hwm(name, handle.plan, directory), "regions": regions,
             "overhead_predicted": handle.plan.overhead_pct / 100,
-            "overhead": overhead(model, batch, optimizer, loss_fn, handle),
-            "identical": identical(name, model, batch, optimizer, loss_fn, handle)}
+            "overhead": overhead(model, batch, optimizer, loss_fn, dtype, handle),
+            "identical": identical(name, model, batch, optimizer, loss_fn, dtype, handle)}
 
 
 def hwm(name: str, plan: Plan | None, directory: Path) -> int:
@@ -139,10 +148,10 @@ def hwm(name: str, plan: Plan | None, directory: Path) -> int:
 
 
 def _one_hwm(name: str, plan_path: str | None) -> int:
-    model, batch, optimizer, loss_fn = build(name)
+    model, batch, optimizer, loss_fn, dtype = build(name)
     if plan_path is not None:
         planner.apply(model, planner.load_plan(plan_path))
-    return peaks(model, batch, optimizer, loss_fn)[1]
+    return peaks(model, batch, optimizer, loss_fn, dtype)[1]
 
 
 def table(rows: list[dict]) -> str:
