@@ -81,7 +81,10 @@ def peaks(model, batch, optimizer, loss_fn, dtype=None) -> tuple[int, int | None
 
 def overhead(model, batch, optimizer, loss_fn, dtype, handle) -> float:
     plain, planned = [], []
-    step = lambda: user_step(model, batch, optimizer, loss_fn, dtype)  # noqa: E731
+
+    def step() -> None:
+        user_step(model, batch, optimizer, loss_fn, dtype)
+
     with preserved(model, optimizer):
         step()
         for _ in range(STEPS):
