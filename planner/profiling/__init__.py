@@ -101,7 +101,7 @@ def _profiled(train: TrainingStep, units: UnitSpec, compiled: bool, groups, fake
         held = None  # what the CUDA allocator holds besides the step's storages: fixed memory and workspaces
         if rec.watch_scratch:
             held = torch.cuda.memory_allocated(device) - rec.live_bytes + sum(b.bytes for b in opt_state)
-        rec.finish()
+        rec.finish(casts_cached=not compiled)
         calibration = Calibration()
         if not rec.estimated_times:
             calibrate(rec, least([timed_step(train, names) for _ in range(TIMED_STEPS)]))

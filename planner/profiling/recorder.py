@@ -161,11 +161,13 @@ class Recorder(StorageTracker):
                 return end
         return self.spans[-1][2]
 
-    def finish(self) -> None:
+    def finish(self, casts_cached: bool = True) -> None:
+        """The step is over; `casts_cached`: autocast keeps its casts of parameters until it ends (not in
+        compiled code, whose graph makes the casts)."""
         self.spans[-1][2] = self.tick
         self.stop_tracking()
         self._sum_backward()
-        for block in self.cast_cache:  # autocast's context ends with the forward, as the step's and the usual loop's do
+        for block in self.cast_cache if casts_cached else ():  # autocast ends with the forward, as the usual loop's does
             block.last_use = max(block.last_use or block.alloc, self.span_end(block.alloc))
 
     def _sum_backward(self) -> None:
