@@ -113,6 +113,10 @@ class Semantics:
             later.append(later[-1] + u.fwd_ms)
         self._later_fwd_ms = later[::-1]
         self._readers = graph.readers()  # block -> units that take it as an input
+        self._made_into: dict[int, list[int]] = {}  # block -> the blocks made from it in forward
+        for i, b in enumerate(graph.blocks):
+            for j in b.made_from:
+                self._made_into.setdefault(j, []).append(i)
         self._made: dict[int, list[int]] = {}  # unit -> the blocks its forward allocated, in order
         self._by_call: dict[tuple, list[int]] = {}  # (unit, op, call) and (unit, op, None) -> the blocks they made
         for i, b in enumerate(graph.blocks):
@@ -235,22 +239,30 @@ class Semantics:
         at the last tensor the region's forward saved, and autograd saves an operator's inputs before it
         runs it: where no tensor made at or after the operator was saved in the region, the replay never
         runs it, and its output stays cached until the checkpoint goes, when the region's backward is over.
-        Under torch.compile a unit's own outputs, which a region keeps so that no other unit's backward
-        replays it (`solvers.problem.region_outputs`), are saved for the operators whose backward needs
-        them, as in the step without the plan.
+        Under torch.compile only the kept outputs that the compiled step saves are held (`_saved_compiled`).
         """
         blocks = self.graph.blocks
         inputs = {i for u in units for i in self.graph.units[u].inputs if blocks[i].owner not in units}
         until = max([back] + [self.graph.units[u].bwd_end or back for u in units])
         last_saved = max((self._last_saved.get(u, -1) for u in units), default=-1)
         ends = dict.fromkeys(inputs, (until, False))  # block -> (until when, whether its replay frees it)
-        for i in (i for i in kept if not blocks[i].scratch and not (self.graph.compiled and blocks[i].unit_output)):
-            ends[i] = (back, True) if blocks[i].alloc <= last_saved else (until, False)
+        for i in kept:
+            if not blocks[i].scratch and (not self.graph.compiled or self._saved_compiled(i, kept)):
+                ends[i] = (back, True) if blocks[i].alloc <= last_saved else (until, False)
         return tuple(
             Release(i, blocks[i].free, end, in_replay)
             for i, (end, in_replay) in sorted(ends.items())
             if blocks[i].free is not None and blocks[i].free < end
         )
+
+    def _saved_compiled(self, block: int, kept: set[int]) -> bool:
+        """Whether a compiled step saves the output of a call its region keeps. The partitioner saves it
+        only where backward needs it: not a unit's own output, which a region keeps so that no other
+        unit's backward replays it (`solvers.problem.region_outputs`) and which is saved for the
+        operators whose backward needs it, as in the step without the plan; nor one that only kept
+        outputs are made from (a layer's last projection, whose sum with the residual stream it keeps)."""
+        b = self.graph.blocks[block]
+        return not b.unit_output and (bool(b.savers) or any(i not in kept for i in self._made_into.get(block, ())))
 
     def _owned(self, units: set[int]) -> list[int]:
         """The blocks the forwards of `units` allocated, in order."""

@@ -146,6 +146,7 @@ class Block:
     owner: int | None = None
     savers: frozenset[int] = frozenset()
     last_use: int | None = None
+    made_from: tuple[int, ...] = ()  # the blocks that the forward operators that wrote it read
     op: str = ""  # the operator that allocated it
     op_call: int = 0  # that operator's call in the owner's forward (`Op.call`)
     mutated: bool = False  # written in place after it was made

@@ -22,12 +22,10 @@ def freeze(
     """Freezes what the recorder saw; optimizer state first allocated in this step counts as fixed."""
     grad_ids = {id(b) for b in grads}
     new_state_ids = {id(b) for b in opt_state}
+    recorded = [b for b in rec.blocks if id(b) not in new_state_ids]
+    index = {id(b): i for i, b in enumerate(recorded)}  # id of a recorded block -> its index in the graph
     blocks = []
-    index: dict[int, int] = {}  # id of a recorded block -> its index in the graph
-    for b in rec.blocks:
-        if id(b) in new_state_ids:
-            continue
-        index[id(b)] = len(blocks)
+    for b in recorded:
         if id(b) in grad_ids:
             category = Category.GRADIENTS
         elif b.phase is Phase.FORWARD and (b.free is None or b.free > rec.span_end(b.alloc)):
@@ -44,6 +42,7 @@ def freeze(
                 owner=b.owner,
                 savers=frozenset(b.savers),
                 last_use=b.last_use,
+                made_from=tuple(index[id(m)] for m in b.made_from if id(m) in index),
                 op=b.op,
                 op_call=b.op_call,
                 mutated=b.mutated,

@@ -36,6 +36,7 @@ class RecordedBlock:
     free: int | None = None
     savers: set[int] = field(default_factory=set)
     sources: frozenset[int] = frozenset()  # units whose outputs this storage was computed from
+    made_from: list[RecordedBlock] = field(default_factory=list)  # what the forward operators that wrote it read
     last_use: int | None = None  # forward read it last, or autocast's cache of casts let it go
     op: str = ""
     op_call: int = 0
@@ -260,11 +261,13 @@ class Recorder(StorageTracker):
                     self.units[self.current].preds |= block.sources
         for key in new:
             self.open[key].sources = sources
+            self.open[key].made_from = read
             self.open[key].op = self.op_name
             self.open[key].op_call = call
         for key in written & self.open.keys():  # an in-place result now holds what was computed here
             block = self.open[key]
             block.sources = sources
+            block.made_from = block.made_from + [b for b in read if b is not block]
             block.mutated = True
             block.writers.append((self.current, self.op_name, call))
             block.read_then_written |= block.read
