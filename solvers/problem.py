@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from planner.core.actions import Action, Choice, Kept, Semantics, replay_peak
+from planner.core.actions import Action, Choice, Effect, Kept, Semantics, replay_peak
 from planner.core.costmodel import Roofline
 from planner.core.gpus import roofline_for
 from planner.core.graph import EXPENSIVE_OPS, Phase, ProfiledGraph
@@ -135,29 +135,37 @@ def build_problem(
     totals = [sim.timeline.total(i) for i in range(len(ticks))]
     options = []
     for choice in candidate_choices(graph, max_segment_units, offload):
-        effect = semantics.effect(choice)
-        if effect is None:
-            continue
-        freed: dict[tuple[int, int], int] = defaultdict(int)  # (death, back) -> bytes
-        for r in effect.releases:
-            freed[r.death, r.back] += graph.blocks[r.block].bytes
-        for r in effect.held:  # alive longer, from the tick of its own free on: negative freed bytes
-            freed[r.death - 1, r.back] -= graph.blocks[r.block].bytes
-        options.append(
-            Option(
-                choice=choice,
-                freed=tuple(Freed(b, d, back) for (d, back), b in sorted(freed.items()) if b),
-                back=effect.replay_tick,
-                base_bytes=totals[bisect.bisect_right(ticks, effect.replay_tick) - 1],
-                replay_peak_bytes=replay_peak(effect),
-                cost_ms=effect.extra_ms,
-                host_bytes=effect.host_bytes,
-            )
-        )
+        if choice not in graph.memory_effects:
+            graph.memory_effects[choice] = _untimed_option(graph, semantics.effect(choice), choice, ticks, totals)
+        if graph.memory_effects[choice] is not None:
+            option, storages = graph.memory_effects[choice]
+            options.append(replace(option, cost_ms=semantics.extra_ms(choice, storages, option.host_bytes)))
     rows = _rows(ticks, totals, options)
     chain = len(graph.segment_links()) == len(graph.units) - 1
     return Problem(len(graph.units), tuple(options), rows, budget_bytes, sim.peak_bytes, graph.step_ms, chain,
                    host_budget_bytes)  # fmt: skip
+
+
+def _untimed_option(graph: ProfiledGraph, effect: Effect | None, choice: Choice, ticks: list[int],
+                    totals: list[int]) -> tuple[Option, int] | None:  # fmt: skip
+    """The option of a choice with `effect` (None: no option), costing nothing, and the storages it frees."""
+    if effect is None:
+        return None
+    freed: dict[tuple[int, int], int] = defaultdict(int)  # (death, back) -> bytes
+    for r in effect.releases:
+        freed[r.death, r.back] += graph.blocks[r.block].bytes
+    for r in effect.held:  # alive longer, from the tick of its own free on: negative freed bytes
+        freed[r.death - 1, r.back] -= graph.blocks[r.block].bytes
+    option = Option(
+        choice=choice,
+        freed=tuple(Freed(b, d, back) for (d, back), b in sorted(freed.items()) if b),
+        back=effect.replay_tick,
+        base_bytes=totals[bisect.bisect_right(ticks, effect.replay_tick) - 1],
+        replay_peak_bytes=replay_peak(effect),
+        cost_ms=0.0,
+        host_bytes=effect.host_bytes,
+    )
+    return option, len(effect.releases)
 
 
 def candidate_choices(graph: ProfiledGraph, max_segment_units: int, offload: bool = True) -> list[Choice]:

@@ -20,6 +20,7 @@ from planner.core.graph import Category
 from planner.planning import InfeasibleBudget, plan
 from planner.scenario import OptimizerSpec, load_scenario
 from planner.core.simulator import simulate
+from solvers import build_problem
 
 MIB, GIB = 1024**2, 1024**3
 BUILTIN = {
@@ -129,6 +130,19 @@ def test_retime_changes_times_not_memory_and_copies() -> None:
     assert retime(measured, catalog["a100-40gb"].roofline()).step_ms != measured.step_ms
 
 
+
+
+def test_problems_of_one_step_on_several_gpus_are_those_built_on_each_alone() -> None:
+    """What a choice frees is worked out once for the step's copies with other times; each GPU's
+    problem is still the one a fresh profile gives, times and all."""
+    graph = fake_profile(load_scenario("gpt"))
+    catalog = load_catalog()
+    for name in ("t4", "h100-80gb", "l4"):
+        roofline = catalog[name].roofline("float32")
+        shared = build_problem(retime(graph, roofline), 0, roofline)
+        alone = build_problem(retime(dataclasses.replace(graph), roofline), 0, roofline)
+        assert shared == alone and len({o.cost_ms for o in alone.options}) > len(alone.options) // 2
+    assert graph.memory_effects and not dataclasses.replace(graph).memory_effects
 # ------------------------------------------------------------------------------------------ fake tensors
 
 

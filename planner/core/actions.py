@@ -218,16 +218,22 @@ class Semantics:
         if choice.action is Action.RECOMPUTE:
             held = self._held(units, back, kept)
             replay = self._replay(owned, {r.block for r in releases}, kept, [h.block for h in held if h.in_replay])
-            work_ms = sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
             modules = {self.graph.units[u].name: self.graph.units[u].buffer_bytes for u in units}
             snapshot = sum(modules.values())  # a module called twice in the region is copied once
         else:
             replay = tuple((r.block, self.graph.blocks[r.block].bytes) for r in releases)
-            work_ms = self._offload_ms(choice.units[0], sum(delta for _, delta in replay))
             snapshot = 0
-        extra_ms = self._fixed_ms(choice, len(releases)) + work_ms
         host = sum(delta for _, delta in replay) if choice.action is Action.OFFLOAD else 0
-        return Effect(releases, held, back, replay, extra_ms, snapshot, host)
+        return Effect(releases, held, back, replay, self.extra_ms(choice, len(releases), host), snapshot, host)
+
+    def extra_ms(self, choice: Choice, storages: int, host_bytes: int) -> float:
+        """The time a choice adds where it frees `storages` storages: its replay, or the copies of the
+        `host_bytes` an offload moves; and the executor's own cost."""
+        if choice.action is Action.OFFLOAD:
+            work_ms = self._offload_ms(choice.units[0], host_bytes)
+        else:
+            work_ms = sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
+        return self._fixed_ms(choice, storages) + work_ms
 
     def _held(self, units: set[int], back: int, kept: set[int]) -> tuple[Release, ...]:
         """Blocks the region's checkpoint keeps alive longer than the step without it: its inputs made

@@ -72,8 +72,7 @@ def retime(graph: ProfiledGraph, roofline: Roofline) -> ProfiledGraph:
         return graph
     units = tuple(_retime_unit(u, roofline) for u in graph.units)
     other = replace(graph.other, ms=roofline.op_ms(graph.other.flops, graph.other.bytes_moved))
-    return replace(
-        graph,
+    return graph.retimed(
         units=units,
         step_ms=other.ms + sum(u.fwd_ms + u.bwd_ms for u in units),
         measured_times=False,

@@ -9,7 +9,7 @@ one, so a tick orders everything that happened.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, replace
+from dataclasses import astuple, dataclass, field, replace
 from enum import Enum
 
 import networkx as nx
@@ -280,6 +280,15 @@ class ProfiledGraph:
     forwards: int = 1  # forwards of the model with gradients in one step (micro-batches)
     compiled: bool = False  # the step runs under torch.compile: saved bytes are the compiled forward's
     drops_layers: bool = False  # the model skips layers at random (LayerDrop): profiled with every layer run
+    # what each choice frees and replays, by sizes alone (solvers.problem): a copy with other times shares it
+    memory_effects: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def retimed(self, **times) -> ProfiledGraph:
+        """A copy with other times (`units`, `step_ms`, ...) and the same sizes and trace: what a
+        choice frees is the same in both, and is worked out once for them."""
+        copy = replace(self, **times)
+        object.__setattr__(copy, "memory_effects", self.memory_effects)
+        return copy
 
     @property
     def end_tick(self) -> int:
