@@ -16,7 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 import planner
 from planner import planning
-from planner.core.actions import Action, Choice, Kept
+from planner.core.actions import Action, Choice, Kept, Semantics
+from planner.core.gpus import roofline_for
 from planner.core.graph import Category
 from planner.core.plan import Plan
 from planner.execution import ReplayFailed
@@ -467,3 +468,33 @@ def test_a_region_keeps_saved_the_operator_calls_its_plan_names():
         planned = train(model, batch, optimizer, None)
     reference, _, reference_optimizer = build("gpt2")
     assert_identical(planned, train(reference, batch, reference_optimizer, None))
+
+
+def test_a_replay_is_charged_for_the_calls_it_runs_up_to_where_it_stops():
+    """A checkpointed LLaMA layer's replay stops at the last tensor the layer saved, the input of its
+    down projection: the time model charges the replay the calls torch runs again, not the projection
+    nor the residual sum after it."""
+    model, batch, optimizer = build("llama")
+    graph = planner.profile(model, batch, optimizer=optimizer)
+    layer = next(u for u in graph.units if u.kind == "LlamaDecoderLayer")
+    replayed = []
+
+    class Replay(TorchDispatchMode):  # the context the checkpoint replays the layer in
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is not torch.ops.aten.detach:  # the checkpoint's own, of what it saves
+                replayed.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    module = dict(model.named_modules())[layer.name]
+    module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False,
+                                       context_fn=lambda: (contextlib.nullcontext(), Replay()))
+    with preserved(model, optimizer):
+        forward_loss(model, batch, None).backward()
+    del module.forward
+    names = [op.name for op in layer.ops]
+    rest = names[len(replayed):]  # the down projection, a view of it, and the residual sum
+    assert replayed == names[: len(replayed)] and rest[0] == "aten.mm" and rest[-1] == "aten.add"
+
+    roofline = dataclasses.replace(roofline_for(graph), mechanism=None)  # the replay alone
+    effect = Semantics(graph, roofline).effect(Choice(Action.RECOMPUTE, (layer.index,)))
+    assert effect.extra_ms == pytest.approx(sum(op.ms for op in layer.ops[: len(replayed)]))

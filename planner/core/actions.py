@@ -124,11 +124,6 @@ class Semantics:
                 self._made.setdefault(b.owner, []).append(i)
                 for key in ((b.owner, b.op, b.op_call), (b.owner, b.op, None)):
                     self._by_call.setdefault(key, []).append(i)
-        self._call_ms: dict[tuple, float] = {}  # (unit, op, call) and (unit, op, None) -> ms of those calls
-        for u in graph.units:
-            for op in u.ops:
-                for key in ((u.index, op.name, op.call), (u.index, op.name, None)):
-                    self._call_ms[key] = self._call_ms.get(key, 0.0) + op.ms
         self._deaths: dict[int, int] = {}  # id of a block -> its death, once asked for
         self._saved_activations = {  # blocks a choice may release: saved in forward, freed in backward
             i
@@ -142,6 +137,13 @@ class Semantics:
             for i in self._saved_activations
             if graph.blocks[i].owner is not None
         }
+        self._op_ticks: dict[int, list[int]] = {}  # unit -> when each of its forward's calls ran, in order
+        for u in graph.units:
+            tick, self._op_ticks[u.index] = u.fwd_start, []
+            for op in u.ops:  # a call that made no block (a view) runs when the call before it did
+                tick = min((graph.blocks[i].alloc for i in self._by_call.get((u.index, op.name, op.call), ())),
+                           default=tick)
+                self._op_ticks[u.index].append(tick)
         self._last_saved: dict[int, int] = {}  # unit -> the latest allocation tick of a block its forward saved
         for b in graph.blocks:
             if b.phase is Phase.FORWARD:
@@ -232,7 +234,8 @@ class Semantics:
         if choice.action is Action.OFFLOAD:
             work_ms = self._offload_ms(choice.units[0], host_bytes)
         else:
-            work_ms = sum(self._recompute_ms(u, choice.save_ops) for u in choice.units)
+            last_saved = max(self._last_saved.get(u, -1) for u in choice.units)
+            work_ms = sum(self._recompute_ms(u, choice.save_ops, last_saved) for u in choice.units)
         return self._fixed_ms(choice, storages) + work_ms
 
     def _held(self, units: set[int], back: int, kept: set[int]) -> tuple[Release, ...]:
@@ -305,11 +308,15 @@ class Semantics:
         events.sort(key=lambda e: (e[0], e[2] < 0))
         return tuple((i, delta) for _, i, delta in events)
 
-    def _recompute_ms(self, unit: int, save_ops: frozenset[Kept]) -> float:
-        """The unit's forward less its kept calls (an operator named with and without a call counts once)."""
-        every = {k.op for k in save_ops if k.unit == unit and k.call is None}
-        kept = (k for k in save_ops if k.unit == unit and (k.call is None or k.op not in every))
-        return self.graph.units[unit].fwd_ms - sum(self._call_ms.get(k, 0.0) for k in kept)
+    def _recompute_ms(self, unit: int, save_ops: frozenset[Kept], last_saved: int) -> float:
+        """The unit's forward as its region's replay runs it: less the calls it keeps and, in eager, less
+        the calls after the last tensor the region saved (`last_saved`, a tick), where the replay stops
+        (`_held`). A LLaMA layer's replay stops at the input of its down projection: it never computes
+        the projection nor its sum with the residual stream. Under torch.compile the partitioner
+        recomputes what backward needs, wherever it is."""
+        u, stops = self.graph.units[unit], not self.graph.compiled
+        return u.fwd_ms - sum(op.ms for op, tick in zip(u.ops, self._op_ticks[unit])
+                              if keeps(save_ops, unit, op.name, op.call) or stops and tick > last_saved)
 
     def _offload_ms(self, unit: int, nbytes: int) -> float:
         """Copy time not hidden by compute: the copy out by the rest of the forward, the copy back
