@@ -40,8 +40,10 @@ from planner.core.graph import Category
 from planner.torch_internals import CpuScratch, TorchDispatchMode, is_wrapper_subclass, watching_storage_resizes
 
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to this
-# Queries of a tensor's metadata that reach the dispatcher for fake tensors: no kernel, no memory.
-METADATA_OPS = frozenset({torch.ops.prim.device.default})
+# Operators that allocate and compute nothing: queries of a tensor's metadata that reach the dispatcher
+# for fake tensors, and `detach`, which autograd's saved-tensor hooks call (the profile's and
+# torch.utils.checkpoint's) as well as the model.
+METADATA_OPS = frozenset({torch.ops.prim.device.default, torch.ops.aten.detach.default})
 
 
 def tensors_in(obj: Any) -> Iterator[torch.Tensor]:

@@ -276,10 +276,13 @@ class Recorder(StorageTracker):
 
     # Saved tensors.
     def pack(self, t: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """Which unit saved `t`. What autograd keeps is `t` detached, as torch.utils.checkpoint keeps it:
+        an operator's output keeps its own node alive otherwise, a cycle that a graph backward retains
+        (`retain_graph=True`, as Reformer's reversible layers run theirs) leaves to Python's collector."""
         block = self.open.get(storage_key(t))
         if block is not None and self.phase is Phase.FORWARD:
             block.savers.add(OUTSIDE if self.current is None else self.current)
-        return t, self.current
+        return t.detach() if t.requires_grad else t, self.current
 
     def unpack(self, packed: tuple[torch.Tensor, int | None]) -> torch.Tensor:
         t, unit = packed
