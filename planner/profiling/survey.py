@@ -113,6 +113,15 @@ def module_tree(model: nn.Module) -> dict[str, ModuleShare]:
     return tree
 
 
+@dataclass
+class _Made:
+    """A storage the forward allocated: the module calls in flight then, its bytes, whether autograd saved it."""
+
+    stack: tuple[int, ...]
+    bytes: int
+    saved: bool = False
+
+
 class _Survey(StorageTracker):
     """Credits each storage the forward allocates to the module calls running then."""
 
@@ -120,16 +129,23 @@ class _Survey(StorageTracker):
         super().__init__(device, existing)
         self.stack: list[int] = []  # calls in flight, innermost last
         self.call_names: list[str] = []
-        self.made: dict[int, tuple[tuple[int, ...], int]] = {}  # storage key -> (calls in flight, bytes)
-        self.saved: set[int] = set()
+        self.made: list[_Made] = []  # what the forward allocated
+        # storage key -> its allocation, while the storage lives (a key is an object's id, which a later
+        # storage may take once this one is gone)
+        self.allocation: dict[int, _Made] = {}
 
     def on_alloc(self, key: int, nbytes: int) -> None:
         if key >= 0 and torch._C._current_graph_task_id() == -1:
-            self.made.setdefault(key, (tuple(self.stack), nbytes))
+            self.allocation[key] = made = _Made(tuple(self.stack), nbytes)
+            self.made.append(made)
+
+    def on_free(self, key: int) -> None:
+        self.allocation.pop(key, None)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        if torch._C._current_graph_task_id() == -1:
-            self.saved.add(storage_key(t))
+        made = self.allocation.get(storage_key(t))
+        if made is not None and torch._C._current_graph_task_id() == -1:
+            made.saved = True
         return t
 
     @contextlib.contextmanager
@@ -159,9 +175,10 @@ class _Survey(StorageTracker):
         saved_by_call = [0] * len(self.call_names)
         own_by_call = [0] * len(self.call_names)
         total = 0
-        for key, (stack, nbytes) in self.made.items():
-            if key not in self.saved:
+        for made in self.made:
+            if not made.saved:
                 continue
+            stack, nbytes = made.stack, made.bytes
             total += nbytes
             calls = [c for c in stack if c >= 0]
             for c in set(calls):
