@@ -245,9 +245,9 @@ def test_no_plan_replays_random_draws_it_cannot_repeat():
 
 def test_the_survey_credits_a_saved_storage_to_the_module_that_made_it_when_its_key_was_another_s(monkeypatch):
     """A storage's key is its object's id, which a storage made later may take once the first is gone:
-    the later storage is credited to the module that made it, not to the one that made the first (with
-    the same code, one run of `bench.third_party` surveyed ConvNeXt into 13 units and the next into 17;
-    a stale key is one way that happens)."""
+    the later storage is credited to the module that made it, not to the one that made the first (the
+    survey credited some of Swin's last stage's saved storages to earlier modules and kept the stage one
+    unit)."""
     from planner.profiling import survey
 
     rec = survey._Survey(torch.device("cpu"), [])
