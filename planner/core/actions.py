@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
@@ -234,7 +235,7 @@ class Semantics:
         if choice.action is Action.OFFLOAD:
             work_ms = self._offload_ms(choice.units[0], host_bytes)
         else:
-            last_saved = max(self._last_saved.get(u, -1) for u in choice.units)
+            last_saved = self._last_saved_in(choice.units)
             work_ms = sum(self._recompute_ms(u, choice.save_ops, last_saved) for u in choice.units)
         return self._fixed_ms(choice, storages) + work_ms
 
@@ -253,7 +254,7 @@ class Semantics:
         blocks = self.graph.blocks
         inputs = {i for u in units for i in self.graph.units[u].inputs if blocks[i].owner not in units}
         until = max([back] + [self.graph.units[u].bwd_end or back for u in units])
-        last_saved = max((self._last_saved.get(u, -1) for u in units), default=-1)
+        last_saved = self._last_saved_in(units)
         ends = dict.fromkeys(inputs, (until, False))  # block -> (until when, whether its replay frees it)
         for i in kept:
             if not blocks[i].scratch and (not self.graph.compiled or self._saved_compiled(i, kept)):
@@ -272,6 +273,10 @@ class Semantics:
         outputs are made from (a layer's last projection, whose sum with the residual stream it keeps)."""
         b = self.graph.blocks[block]
         return not b.unit_output and (bool(b.savers) or any(i not in kept for i in self._made_into.get(block, ())))
+
+    def _last_saved_in(self, units: Iterable[int]) -> int:
+        """The latest allocation tick of a block the region's forward saved, where its replay stops (-1: none)."""
+        return max((self._last_saved.get(u, -1) for u in units), default=-1)
 
     def _owned(self, units: set[int]) -> list[int]:
         """The blocks the forwards of `units` allocated, in order."""
