@@ -220,7 +220,8 @@ class Semantics:
         held: tuple[Release, ...] = ()
         if choice.action is Action.RECOMPUTE:
             held = self._held(units, back, kept)
-            replay = self._replay(owned, {r.block for r in releases}, kept, [h.block for h in held if h.in_replay])
+            stop = self._last_saved_in(units) if not self.graph.compiled else None
+            replay = self._replay(owned, {r.block for r in releases}, kept, [h.block for h in held if h.in_replay], stop)
             modules = {self.graph.units[u].name: self.graph.units[u].buffer_bytes for u in units}
             snapshot = sum(modules.values())  # a module called twice in the region is copied once
         else:
@@ -290,13 +291,16 @@ class Semantics:
         return units[unit].bwd_start
 
     def _replay(
-        self, owned: list[int], released: set[int], kept: set[int], taken: list[int] = ()
+        self, owned: list[int], released: set[int], kept: set[int], taken: list[int] = (), stop: int | None = None
     ) -> tuple[tuple[int, int], ...]:
         """The region's forward run again: its blocks allocated in order, all but the released ones freed.
 
         `taken` are kept outputs that only the cache held until now: the replay frees them when done
-        with them (a transient where the first forward freed it, another at the replay's end)."""
+        with them (a transient where the first forward freed it, another at the replay's end). In eager
+        the replay stops at `stop`, the last tensor the region saved (`_held`): nothing after it is made."""
         events: list[tuple[int, int, int]] = []  # (order tick, block, delta)
+        if stop is not None:
+            owned = [i for i in owned if self.graph.blocks[i].alloc <= stop]
         end = max(self.graph.blocks[i].alloc for i in owned)
         for i in owned:
             b = self.graph.blocks[i]
