@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import fields, is_dataclass
 from typing import Any
 
@@ -110,6 +110,25 @@ def storage_of(t: torch.Tensor) -> torch.UntypedStorage:
         inner, _ = t.__tensor_flatten__()
         t = getattr(t, inner[0])
     return t.untyped_storage()
+
+
+class Positions:
+    """The position of each of some objects among them, by identity, without keeping them alive: an
+    object freed since cannot pass for a new one that took its `id`."""
+
+    def __init__(self, objects: Iterable[Any] = ()) -> None:
+        self._refs = {id(o): (i, _ref(o)) for i, o in enumerate(objects)}
+
+    def of(self, obj: Any) -> int | None:
+        i, ref = self._refs.get(id(obj), (None, None))
+        return i if ref is not None and ref() is obj else None
+
+
+def _ref(obj: Any) -> Callable[[], Any]:
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # an int, None: shared by everything, never freed
+        return lambda: obj
 
 
 def storage_key(t: torch.Tensor) -> int:

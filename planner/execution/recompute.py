@@ -24,6 +24,7 @@ from torch.utils import checkpoint as ckpt
 
 from planner.core.actions import Choice, keeps
 from planner.torch_internals import checkpoint_generator, outside_checkpoint_modes, tree_flatten, tree_unflatten
+from planner.tracking import Positions
 
 
 class ReplayFailed(RuntimeError):
@@ -54,7 +55,7 @@ class _Region:
     choice: Choice
     buffers: list[torch.Tensor]  # of its units' modules, put back after a replay
     calls: list[_Call] = field(default_factory=list)
-    last_outputs: dict[int, int] = field(default_factory=dict)  # id of a leaf of the last output -> position
+    last_outputs: Positions = field(default_factory=Positions)  # of the leaves of the last output
     generator: Iterator | None = None
     position: int = 0  # of the unit call running now, in the region's forward or in its replay
 
@@ -81,7 +82,7 @@ class Regions:
             next(self.open.generator)
         region = self.open
         leaves, spec = tree_flatten((args, kwargs))
-        links = [region.last_outputs.get(id(leaf)) for leaf in leaves]
+        links = [region.last_outputs.of(leaf) for leaf in leaves]
         region.calls.append(_Call(forward, [None if link is not None else leaf for leaf, link in zip(leaves, links)], spec, links))
         region.position = position
         try:
@@ -89,7 +90,7 @@ class Regions:
         except BaseException:
             self.close()
             raise
-        region.last_outputs = {id(leaf): i for i, leaf in enumerate(tree_flatten(output)[0])}
+        region.last_outputs = Positions(tree_flatten(output)[0])
         if position == len(choice.units) - 1:
             self.close()
         return output

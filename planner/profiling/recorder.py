@@ -21,7 +21,9 @@ from torch import nn
 from planner.core import costmodel
 from planner.core.graph import Phase
 from planner.torch_internals import autocast_caches, draws_random, flop_registry, in_backward, takes_shapes, writes_inputs
-from planner.tracking import StorageTracker, allocated_bytes, public_state, storage_bytes, storage_key, tensors_held, tensors_in
+from planner.tracking import (
+    Positions, StorageTracker, allocated_bytes, public_state, storage_bytes, storage_key, tensors_held, tensors_in
+)
 from planner.units import buffers_of
 
 OUTSIDE = -1  # saver index for code outside every unit
@@ -115,7 +117,7 @@ class Recorder(StorageTracker):
         self.host_busy = 1.0  # share of the timed step the host spends issuing it
         self.other_flops = 0  # operators outside every unit: loss, optimizer, glue
         self.other_bytes = 0
-        self.last_outputs: set[int] = set()  # ids of the tensors the last unit returned
+        self.last_outputs = Positions()  # of the tensors the last unit returned
         self.op_name = ""
         self.autocast: torch.dtype | None = None  # autocast's dtype where the last unit entered under it
         self.cast_cache: list[RecordedBlock] = []  # casts autocast keeps until it ends (`autocast_caches`)
@@ -316,9 +318,9 @@ class Recorder(StorageTracker):
         """The last unit is `direct_from` when it made some of the inputs; `side_from` is the latest
         other unit that made the rest (a region may span the link if it starts after that unit)."""
         from_units = [t for t in tensors if self._sources(t)]
-        if self.units and any(id(t) in self.last_outputs for t in from_units):
+        if self.units and any(self.last_outputs.of(t) is not None for t in from_units):
             unit.direct_from = len(self.units) - 1
-            side = [max(self._sources(t)) for t in from_units if id(t) not in self.last_outputs]
+            side = [max(self._sources(t)) for t in from_units if self.last_outputs.of(t) is None]
             unit.side_from = max(side, default=-1)
 
     def _sources(self, t: torch.Tensor) -> frozenset[int]:
@@ -346,7 +348,7 @@ class Recorder(StorageTracker):
             elif block is not None:
                 unit.preds |= block.sources
                 block.sources = frozenset({self.current})
-        self.last_outputs = {id(t) for t in tensors}
+        self.last_outputs = Positions(tensors)
         self.current = None
 
 
