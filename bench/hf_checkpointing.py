@@ -14,7 +14,8 @@ layer to the unplanned peak, and at fixed memory + 50% of the activations. Each 
 on the loop as a user writes it (`loss = model(**batch).loss; loss.backward(); optimizer.step();
 optimizer.zero_grad()`): its peak by live storages, and its step
 time as the median of --steps steps, each after a step of no checkpointing, over the median of
-those, in a process where the C library keeps the memory it is given back (`KEEP_FREED`, as CUDA's
+those (every method's pair of steps in turn, --steps times, so that the machine's drift over the run
+falls on all methods alike), in a process where the C library keeps the memory it is given back (`KEEP_FREED`, as CUDA's
 caching allocator keeps it): otherwise it returns freed pages to the system at moments that differ
 between two methods doing the same work, and the page faults that follow decide the comparison (no
 fault in a backward under Hugging Face's checkpointing, 16,000 to 235,000 under the same
@@ -171,24 +172,26 @@ def measure(name: str, steps: int) -> dict:
         })
         method.off()
     by_name = {r["method"]: r for r in rows}
-    for method in methods:
-        by_name[method.name]["step_ratio"] = step_ratio(model, batch, optimizer, method, steps)
+    for method, ratio in zip(methods, step_ratios(model, batch, optimizer, methods, steps)):
+        by_name[method.name]["step_ratio"] = ratio
     return {"model": name, "units": len(graph.units), "fixed_bytes": fixed, "rows": rows,
             "plans": {m.name: m.plan.to_dict() for m in methods if m.plan is not None},
             "seconds": time.perf_counter() - started}
 
 
-def step_ratio(model, batch, optimizer, method: Method, steps: int) -> float:
-    """Median step time under `method` over the median of the unplanned steps taken in turns with it."""
-    plain, under = [], []
+def step_ratios(model, batch, optimizer, methods: list[Method], steps: int) -> list[float]:
+    """Per method, its median step time over the median of the unplanned steps taken each just before
+    one of its own; the methods in turns, so that the machine's drift over the run falls on all alike."""
+    plain, under = [[] for _ in methods], [[] for _ in methods]
+    step = lambda: timed_ms(lambda: user_step(model, batch, optimizer), torch.device("cpu"))
     with preserved(model, optimizer):
-        user_step(model, batch, optimizer)  # warm-up
-        for _ in range(steps):
-            plain.append(timed_ms(lambda: user_step(model, batch, optimizer), torch.device("cpu")))
-            method.on()
-            under.append(timed_ms(lambda: user_step(model, batch, optimizer), torch.device("cpu")))
-            method.off()
-    return statistics.median(under) / statistics.median(plain)
+        for turn in range(steps + 1):  # the first, a warm-up of each
+            for method, before, after in zip(methods, plain, under):
+                before.append(step())
+                method.on()
+                after.append(step())
+                method.off()
+    return [statistics.median(after[1:]) / statistics.median(before[1:]) for before, after in zip(plain, under)]
 
 
 def _summary(plan) -> str:
