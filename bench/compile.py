@@ -17,7 +17,9 @@ MALLOC_MMAP_THRESHOLD_=65536 (in this one, the memory compiling left in the C li
 part of the step's). Step time: the median of --steps steps over the median of as many compiled
 steps without a plan, taken in turns (a knob setting is compiled with a backend of its own, so that
 both stay compiled); at the knob's peak at 0.5, the planned step, the knob's at 0.5 and the unplanned
-one in the same turns, three times as many.
+one in the same turns, three times as many. The process runs with the C library told to keep the memory
+it is given back (`KEEP_FREED`, as in bench.hf_checkpointing and as CUDA's caching allocator keeps it),
+so that page faults taken at moments that differ between two forms of the step do not decide their times.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 
 import planner
 from bench.baselines_report import tradeoff_plot
+from bench.hf_checkpointing import KEEP_FREED
 from planner.planning import BudgetExceeded, InfeasibleBudget, hold
 from planner.scenario import load_scenario
 from planner.step import TrainingStep, timed_ms
@@ -146,7 +149,7 @@ def high_water(name: str, directory: Path, knob: float | None = None, plan: Path
     command = [sys.executable, "-m", "bench.compile", "--high-water", name]
     command += ["--knob", str(knob)] if knob is not None else []
     command += ["--plan", str(plan)] if plan is not None else []
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {k: v for k, v in os.environ.items() if k not in KEEP_FREED} | {"MALLOC_MMAP_THRESHOLD_": "65536"}
     return int(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
@@ -211,6 +214,8 @@ def main() -> None:
     if args.high_water:
         print(_one_high_water(args.high_water, args.knob, args.plan))
         return
+    if any(os.environ.get(k) != v for k, v in KEEP_FREED.items()):  # the settings apply from a process's start
+        os.execve(sys.executable, [sys.executable, "-m", "bench.compile", *sys.argv[1:]], os.environ | KEEP_FREED)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         for name in args.models:
