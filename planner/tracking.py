@@ -127,7 +127,7 @@ class Positions:
 def _ref(obj: Any) -> Callable[[], Any]:
     try:
         return weakref.ref(obj)
-    except TypeError:  # an int, None: shared by everything, never freed
+    except TypeError:  # an int, None: no weak reference to it; holding it costs nothing
         return lambda: obj
 
 
