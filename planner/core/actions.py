@@ -10,7 +10,8 @@ A block leaves the device when every unit that saved it is inside the
 region (or is the offloaded unit) and the region allocated it; it goes at
 its *death*: the end of the last unit that saved or read it in forward. A
 recomputed region comes back when backward first needs a tensor saved in it
-(non-reentrant checkpoint replays its whole forward then); an offloaded
+(non-reentrant checkpoint replays its forward then, up to the last tensor
+the region saved; under torch.compile, its whole forward); an offloaded
 unit comes back one unit ahead of its backward (prefetch).
 """
 
