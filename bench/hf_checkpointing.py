@@ -185,7 +185,7 @@ def step_ratios(model, batch, optimizer, methods: list[Method], steps: int) -> l
     plain, under = [[] for _ in methods], [[] for _ in methods]
     step = lambda: timed_ms(lambda: user_step(model, batch, optimizer), torch.device("cpu"))
     with preserved(model, optimizer):
-        for turn in range(steps + 1):  # the first, a warm-up of each
+        for _ in range(steps + 1):  # the first, a warm-up of each
             for method, before, after in zip(methods, plain, under):
                 before.append(step())
                 method.on()

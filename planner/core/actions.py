@@ -221,8 +221,8 @@ class Semantics:
         held: tuple[Release, ...] = ()
         if choice.action is Action.RECOMPUTE:
             held = self._held(units, back, kept)
-            stop = self._last_saved_in(units) if not self.graph.compiled else None
-            replay = self._replay(owned, {r.block for r in releases}, kept, [h.block for h in held if h.in_replay], stop)
+            taken = [h.block for h in held if h.in_replay]
+            replay = self._replay(owned, {r.block for r in releases}, kept, taken, self._replay_stop(units))
             modules = {self.graph.units[u].name: self.graph.units[u].buffer_bytes for u in units}
             snapshot = sum(modules.values())  # a module called twice in the region is copied once
         else:
@@ -237,8 +237,8 @@ class Semantics:
         if choice.action is Action.OFFLOAD:
             work_ms = self._offload_ms(choice.units[0], host_bytes)
         else:
-            last_saved = self._last_saved_in(choice.units)
-            work_ms = sum(self._recompute_ms(u, choice.save_ops, last_saved) for u in choice.units)
+            stop = self._replay_stop(choice.units)
+            work_ms = sum(self._recompute_ms(u, choice.save_ops, stop) for u in choice.units)
         return self._fixed_ms(choice, storages) + work_ms
 
     def _held(self, units: set[int], back: int, kept: set[int]) -> tuple[Release, ...]:
@@ -280,6 +280,12 @@ class Semantics:
         """The latest allocation tick of a block the region's forward saved, where its replay stops (-1: none)."""
         return max((self._last_saved.get(u, -1) for u in units), default=-1)
 
+    def _replay_stop(self, units: Iterable[int]) -> int | None:
+        """Where the region's replay stops: in eager, at the last tensor it saved, since the checkpoint
+        stops it once every saved tensor is back; under torch.compile nowhere (None), since the
+        partitioner recomputes what backward needs, wherever it is."""
+        return None if self.graph.compiled else self._last_saved_in(units)
+
     def _owned(self, units: set[int]) -> list[int]:
         """The blocks the forwards of `units` allocated, in order."""
         return sorted(i for u in units for i in self._made.get(u, ()))
@@ -297,8 +303,8 @@ class Semantics:
         """The region's forward run again: its blocks allocated in order, all but the released ones freed.
 
         `taken` are kept outputs that only the cache held until now: the replay frees them when done
-        with them (a transient where the first forward freed it, another at the replay's end). In eager
-        the replay stops at `stop`, the last tensor the region saved (`_held`): nothing after it is made."""
+        with them (a transient where the first forward freed it, another at the replay's end). Nothing
+        made after `stop` (`_replay_stop`) is made again."""
         events: list[tuple[int, int, int]] = []  # (order tick, block, delta)
         if stop is not None:
             owned = [i for i in owned if self.graph.blocks[i].alloc <= stop]
@@ -318,15 +324,13 @@ class Semantics:
         events.sort(key=lambda e: (e[0], e[2] < 0))
         return tuple((i, delta) for _, i, delta in events)
 
-    def _recompute_ms(self, unit: int, save_ops: frozenset[Kept], last_saved: int) -> float:
-        """The unit's forward as its region's replay runs it: less the calls it keeps and, in eager, less
-        the calls after the last tensor the region saved (`last_saved`, a tick), where the replay stops
-        (`_held`). A LLaMA layer's replay stops at the input of its down projection: it never computes
-        the projection nor its sum with the residual stream. Under torch.compile the partitioner
-        recomputes what backward needs, wherever it is."""
-        u, stops = self.graph.units[unit], not self.graph.compiled
+    def _recompute_ms(self, unit: int, save_ops: frozenset[Kept], stop: int | None) -> float:
+        """The unit's forward as its region's replay runs it: less the calls it keeps and the calls after
+        `stop` (`_replay_stop`). A LLaMA layer's replay stops at the input of its down projection: it
+        never computes the projection nor its sum with the residual stream."""
+        u = self.graph.units[unit]
         return u.fwd_ms - sum(op.ms for op, tick in zip(u.ops, self._op_ticks[unit])
-                              if keeps(save_ops, unit, op.name, op.call) or stops and tick > last_saved)
+                              if keeps(save_ops, unit, op.name, op.call) or stop is not None and tick > stop)
 
     def _offload_ms(self, unit: int, nbytes: int) -> float:
         """Copy time not hidden by compute: the copy out by the rest of the forward, the copy back

@@ -7,8 +7,8 @@ Memory at any moment is the fixed memory (parameters, buffers, inputs,
 optimizer state) plus every block allocated and not yet freed. Under a plan,
 released blocks leave at their death and come back in their replay (see
 `planner.core.actions`), and a recomputed region's forward is replayed (up to
-the last tensor it saved) at the moment backward first needs it. The peak is the highest value over the
-step; time is the profiled step plus each choice's extra time.
+the last tensor it saved) at the moment backward first needs it. The peak is
+the highest value over the step; time is the profiled step plus each choice's extra time.
 """
 
 from __future__ import annotations
