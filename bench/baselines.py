@@ -10,8 +10,9 @@ torchtitan's list), checkpoint_sequential in sqrt(n) segments where the model (o
 nn.Sequential body) is sequential, the planner's "all" and "sqrt" baselines, and the planner's ilp,
 greedy and dp (chains only) solvers at budgets from 100% of the unplanned peak down to the smallest
 feasible peak + 2%. torch.compile with activation_memory_budget runs in a subprocess (see
-bench.baselines_compile). Every method is measured by planner.measure: the median of 5 timed steps
-after one warm-up step, and the peak of one more. Writes RESULTS.md, results.json and
+bench.baselines_compile). Every method's peak is measured by planner.measure (one warm-up step, then the peak
+of one more), and its step time as the median ratio of 7 steps, each to an unplanned step taken
+just before it. Writes RESULTS.md, results.json and
 tradeoff_<scenario>.png next to --out.
 """
 
@@ -38,7 +39,7 @@ from bench import baselines_compile_runner, baselines_report
 from bench.selective import SELECTIVE, selective
 from planner.planning import InfeasibleBudget
 from planner.scenario import list_scenarios, load_scenario
-from planner.step import timed_ms
+from planner.step import paired_ratio, timed_ms
 from solvers import build_problem
 from solvers.ilp import min_peak
 
@@ -151,7 +152,7 @@ class Scenario:
 
     def measure_under(self, method) -> tuple[int, float]:
         """Peak under `method` (a function returning a fresh context), and its step time as a ratio:
-        the median of STEPS method steps over that of STEPS unplanned steps taken in turns with them."""
+        the median ratio of STEPS method steps, each to the unplanned step taken just before it."""
         with method():
             peak = self.measure().peak_bytes
         plain, under = [], []
@@ -160,7 +161,7 @@ class Scenario:
             with method():
                 under.append(self.timed_step())
         self.reference_ms += plain
-        return peak, statistics.median(under) / statistics.median(plain)
+        return peak, paired_ratio(plain, under)
 
     def measured_row(self, method: str, context, note: str) -> Row:
         """Measure under `context` (a function returning a fresh one); a method that fails to run is a

@@ -14,8 +14,8 @@ allocate outside the dispatcher, so live-storage tracking cannot see them), with
 gradients and optimizer state; for the step without a plan, the knob at 0.5 and the planner at
 the knob's peak, also the rise of the process's high-water mark in a fresh process started with
 MALLOC_MMAP_THRESHOLD_=65536 (in this one, the memory compiling left in the C library's heap hides
-part of the step's). Step time: the median of --steps steps over the median of as many compiled
-steps without a plan, taken in turns (a knob setting is compiled with a backend of its own, so that
+part of the step's). Step time: the median ratio of --steps steps, each to a compiled step
+without a plan in the same turn (a knob setting is compiled with a backend of its own, so that
 both stay compiled); at the knob's peak at 0.5, the planned step, the knob's at 0.5 and the unplanned
 one in the same turns, three times as many. The process runs with the C library told to keep the memory
 it is given back (`KEEP_FREED`, as in bench.hf_checkpointing and as CUDA's caching allocator keeps it),
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from bench.baselines_report import tradeoff_plot
 from bench.hf_checkpointing import KEEP_FREED
 from planner.planning import BudgetExceeded, InfeasibleBudget, hold
 from planner.scenario import load_scenario
-from planner.step import TrainingStep, timed_ms
+from planner.step import TrainingStep, paired_ratio, timed_ms
 from tests.third_party import MODELS
 
 KNOB = (0.8, 0.5, 0.2, 0.0)
@@ -75,8 +74,9 @@ def with_knob(budget: float):
 
 
 def in_turns(plain, others, steps: int) -> list[float]:
-    """Median time of each of `others` over the median of `plain()`, steps taken in turns after two
-    of each untimed (Dynamo compiles each form again after a plan was applied)."""
+    """Per form of `others`, the median ratio of its time to that of `plain()` in the same turn, less 1
+    (`paired_ratio`); steps taken in turns after two of each untimed (Dynamo compiles each form again
+    after a plan was applied)."""
     forms = (plain, *others)
     for _ in range(2):
         for step in forms:
@@ -85,8 +85,7 @@ def in_turns(plain, others, steps: int) -> list[float]:
     for _ in range(steps):
         for step, ms in zip(forms, times):
             ms.append(timed_ms(step, torch.device("cpu")))
-    base = statistics.median(times[0])
-    return [statistics.median(ms) / base - 1 for ms in times[1:]]
+    return [paired_ratio(times[0], ms) - 1 for ms in times[1:]]
 
 
 def run(name: str, steps: int, log, directory: Path) -> list[dict]:

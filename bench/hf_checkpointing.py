@@ -12,16 +12,16 @@ attention kernels saved, but every second matmul recomputed); the planner (`plan
 named) at each of their measured peaks, a quarter of the way from the peak of checkpointing every
 layer to the unplanned peak, and at fixed memory + 50% of the activations. Each method is measured
 on the loop as a user writes it (`loss = model(**batch).loss; loss.backward(); optimizer.step();
-optimizer.zero_grad()`): its peak by live storages, and its step
-time as the median of --steps steps, each after a step of no checkpointing, over the median of
-those (every method's pair of steps in turn, --steps times, so that the machine's drift over the run
-falls on all methods alike), in a process where the C library keeps the memory it is given back (`KEEP_FREED`, as CUDA's
-caching allocator keeps it): otherwise it returns freed pages to the system at moments that differ
-between two methods doing the same work, and the page faults that follow decide the comparison (no
-fault in a backward under Hugging Face's checkpointing, 16,000 to 235,000 under the same
-recomputation by a plan, in one run of GPT-2). The peak is measured a second way in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536
-(so that freed tensors go back to the system): the rise of the process's high-water mark over a
-steady-state step, plans read from the files the first process wrote.
+optimizer.zero_grad()`): its peak by live storages, and its step time relative to the unplanned step's
+as the median ratio of --steps steps, each to a step of no checkpointing taken just before it (every
+method's pair of steps in turn, --steps times, so that the machine's drift over the run falls on all
+methods alike), in a process where the C library keeps the memory it is given back (`KEEP_FREED`, as
+CUDA's caching allocator keeps it): otherwise it returns freed pages to the system at moments that
+differ between two methods doing the same work, and the page faults that follow decide the comparison
+(no fault in a backward under Hugging Face's checkpointing, 16,000 to 235,000 under the same
+recomputation by a plan, in one run of GPT-2). The peak is measured a second way in a fresh process
+started with MALLOC_MMAP_THRESHOLD_=65536 (so that freed tensors go back to the system): the rise of
+the process's high-water mark over a steady-state step, plans read from the files the first process wrote.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import argparse
 import collections
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,8 +43,7 @@ from bench.baselines_report import tradeoff_plot
 from bench.selective import SELECTIVE, selective
 from planner.core.graph import Category
 from planner.measurement import high_water_mark
-from planner.step import preserved
-from planner.step import timed_ms
+from planner.step import paired_ratio, preserved, timed_ms
 from planner.tracking import StorageTracker, tensors_in
 from planner.core.plan import Plan
 
@@ -180,8 +178,8 @@ def measure(name: str, steps: int) -> dict:
 
 
 def step_ratios(model, batch, optimizer, methods: list[Method], steps: int) -> list[float]:
-    """Per method, its median step time over the median of the unplanned steps taken each just before
-    one of its own; the methods in turns, so that the machine's drift over the run falls on all alike."""
+    """Per method, the median ratio of its step time to that of the unplanned step taken just before
+    (`paired_ratio`); the methods in turns, so that the machine's drift over the run falls on all alike."""
     plain, under = [[] for _ in methods], [[] for _ in methods]
     step = lambda: timed_ms(lambda: user_step(model, batch, optimizer), torch.device("cpu"))
     with preserved(model, optimizer):
@@ -191,7 +189,7 @@ def step_ratios(model, batch, optimizer, methods: list[Method], steps: int) -> l
                 method.on()
                 after.append(step())
                 method.off()
-    return [statistics.median(after[1:]) / statistics.median(before[1:]) for before, after in zip(plain, under)]
+    return [paired_ratio(before[1:], after[1:]) for before, after in zip(plain, under)]
 
 
 def _summary(plan) -> str:

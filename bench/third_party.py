@@ -10,7 +10,7 @@ activations, and the planned step's predicted and measured peak and overhead. Pe
 on the loop as a user writes it, by live storages in this process and by the rise of the
 high-water mark in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536, with every layer run
 where a model skips layers at random (LayerDrop: the step a plan is made for); overhead is the
-median of 7 planned steps over the median of 7 unplanned ones taken in turns; then two steps under
+median ratio of 7 planned steps, each to an unplanned one taken just before it; then two steps under
 the plan are compared bit for bit (losses, gradients, parameters and buffers) with two steps of the
 same model built again without it.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import planner
 from planner.core.graph import Category
 from planner.measurement import high_water_mark
 from planner.step import every_layer_runs, preserved
-from planner.step import timed_ms
+from planner.step import paired_ratio, timed_ms
 from planner.tracking import StorageTracker, tensors_in
 from planner.core.plan import Plan
 from tests.third_party import LOSSES, MODELS, more
@@ -92,7 +91,7 @@ def overhead(model, batch, optimizer, loss_fn, dtype, handle) -> float:
             plain.append(timed_ms(step, torch.device("cpu")))
             handle.install()
             planned.append(timed_ms(step, torch.device("cpu")))
-    return statistics.median(planned) / statistics.median(plain) - 1
+    return paired_ratio(plain, planned) - 1
 
 
 def trained(model, batch, optimizer, loss_fn, dtype, steps: int = 2) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -172,6 +173,13 @@ def timed_ms(fn: Callable[[], Any], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) * 1e3
+
+
+def paired_ratio(before: list[float], after: list[float]) -> float:
+    """The median of `after[i] / before[i]`, each the time of a step over that of the step taken just
+    before it. The machine's pace can change by a third from one minute to the next; a ratio of two
+    neighbouring steps sees one pace, where a ratio of two medians mixes them."""
+    return statistics.median(a / b for b, a in zip(before, after, strict=True))
 
 
 @contextlib.contextmanager

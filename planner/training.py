@@ -12,7 +12,7 @@ from rich.table import Table
 from planner.execution import apply
 from planner.measurement import Measurement, measure
 from planner.core.sizes import format_bytes
-from planner.step import timed_ms, train_step
+from planner.step import paired_ratio, timed_ms, train_step
 from planner.workload import Workload
 from planner.core.plan import Plan
 
@@ -26,10 +26,11 @@ def run_under_plan(
     workload: Workload, plan: Plan, steps: int, console: Console | None = None
 ) -> tuple[Measurement, Measurement]:
     """Train `steps` steps under the plan, each after one step without it; the unplanned and the
-    planned measurements, each with its median step time.
+    planned measurements: the unplanned step's median time, and the planned step's as that times the
+    median ratio of each planned step to the unplanned one just before it (`paired_ratio`).
 
     Both kinds of step train the model the same way (a plan does not change numerics); taking them
-    in turns lets both medians see the machine in the same state. The peaks are measured last.
+    in turns lets each pair see the machine in the same state. The peaks are measured last.
     """
     w = workload
     step_args = {"loss_fn": w.loss_closure(), "optimizer": w.optimizer, "autocast_dtype": w.autocast_dtype}
@@ -51,7 +52,7 @@ def run_under_plan(
         handle.remove()
     return (
         replace(unplanned, step_ms=statistics.median(unplanned_ms), steps=steps),
-        replace(planned, step_ms=statistics.median(planned_ms), steps=steps),
+        replace(planned, step_ms=statistics.median(unplanned_ms) * paired_ratio(unplanned_ms, planned_ms), steps=steps),
     )
 
 

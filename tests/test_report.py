@@ -23,6 +23,7 @@ from planner.plot import plot_timeline
 from planner.core.sizes import format_bytes, parse_bytes
 from planner.report import peak_panel, units_table
 from planner.core.simulator import Simulation
+from planner.step import paired_ratio
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -210,3 +211,12 @@ def test_plot_rejects_other_suffixes_and_empty_series(tmp_path: Path, graph: Pro
         plot_timeline(tmp_path / "step.pdf", [("profiled", sim)], graph)
     with pytest.raises(ValueError, match="at least one"):
         plot_timeline(tmp_path / "step.png", [], graph)
+
+
+def test_a_step_time_ratio_sees_one_pace_per_pair():
+    # the machine slows by half after the second pair; each planned step costs 1.1 to 1.3 times its neighbour
+    before = [600.0, 600.0, 900.0, 900.0, 900.0]
+    after = [660.0, 780.0, 1080.0, 990.0, 1170.0]
+    assert paired_ratio(before, after) == pytest.approx(1.2)  # a ratio of the two medians says 1.1
+    with pytest.raises(ValueError):
+        paired_ratio(before, after[1:])
