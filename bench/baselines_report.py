@@ -76,8 +76,8 @@ def markdown(report: dict) -> str:
         "",
         f"Machine: {m['nproc']} CPUs, {m['cpu']}; torch {m['torch']}, Python {m['python']}. Each method: the peak "
         "of one step after a warm-up (live tensor storages; torch.compile rows from the process high-water mark), "
-        f"and {report['steps']} timed steps, each after an unplanned one: step time × is the median of the method's "
-        "steps over the median of those unplanned steps (torch.compile: compiled over eager in its own process). "
+        f"and {report['steps']} timed steps, each after an unplanned one: step time × is the median ratio of each "
+        "method step to the unplanned step just before it (torch.compile: compiled over eager in its own process). "
         "Predicted overhead is relative to the step time of the profile. Held: measured peak <= budget.",
         "",
     ]
