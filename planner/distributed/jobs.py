@@ -9,7 +9,7 @@ trains and measures under the plan. The scenario's batch size is per rank.
 
 from __future__ import annotations
 
-import time
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,7 +25,7 @@ from planner.execution import apply
 from planner.planning import hold, load_plan, plan_ranks
 from planner.profiling import unit_names
 from planner.scenario import load_scenario
-from planner.step import train_step
+from planner.step import paired_ratio, timed_ms, train_step
 
 
 @dataclass(frozen=True)
@@ -109,21 +109,21 @@ def plan_rank(rank: int, world_size: int, job: RankJob):
 
 def train_rank(rank: int, world_size: int, job: RankJob) -> RankReport:
     """Profile, plan (checked on a first planned step, `planner.planning.hold`), measure the unplanned
-    step, train `job.steps` steps under the plan and measure it."""
+    step, train `job.steps` steps under the plan, each after one without it, and measure it (step
+    times as in `planner.training.run_under_plan`)."""
     w, wrapped = rank_workload(job, rank)
     step = _step_args(w)
     graph = profile_rank(wrapped, w.batch, **step)
     with hold(wrapped.module, graph, _job_plan(job, graph), w.batch, solve=_solve(job), **step) as checked:
         plan = checked.plan
-    unplanned = measure_rank(wrapped, w.batch, steps=job.steps, **step)
-    with apply(wrapped.module, plan):
-        times = []
+    unplanned = measure_rank(wrapped, w.batch, steps=0, **step)
+    with apply(wrapped.module, plan) as handle:
+        before, after = [], []
         for _ in range(job.steps):
-            start = time.perf_counter()
-            train_step(wrapped.module, w.batch, **step)
-            if w.device.type == "cuda":
-                torch.cuda.synchronize(w.device)
-            times.append((time.perf_counter() - start) * 1e3)
+            handle.remove()
+            before.append(timed_ms(lambda: train_step(wrapped.module, w.batch, **step), w.device))
+            handle.install()
+            after.append(timed_ms(lambda: train_step(wrapped.module, w.batch, **step), w.device))
         planned = measure_rank(wrapped, w.batch, steps=1, warmup=0, **step)
     return RankReport(
         rank=rank,
@@ -132,7 +132,7 @@ def train_rank(rank: int, world_size: int, job: RankJob) -> RankReport:
         unplanned_measured_bytes=unplanned.peak_bytes,
         predicted_bytes=simulate(graph, plan.choices).peak_bytes,
         measured_bytes=planned.peak_bytes,
-        unplanned_step_ms=unplanned.step_ms,
-        step_ms=sorted(times)[len(times) // 2],
+        unplanned_step_ms=statistics.median(before),
+        step_ms=statistics.median(before) * paired_ratio(before, after),
         plan=plan if rank == 0 else None,
     )
