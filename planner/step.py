@@ -182,6 +182,13 @@ def paired_ratio(before: list[float], after: list[float]) -> float:
     return statistics.median(a / b for b, a in zip(before, after, strict=True))
 
 
+def paired_ms(before: list[float], after: list[float]) -> tuple[float, float]:
+    """The median of `before`, and that times `paired_ratio(before, after)`: the step times of steps
+    without a plan and, each taken just after one of them, with it."""
+    ms = statistics.median(before)
+    return ms, ms * paired_ratio(before, after)
+
+
 @contextlib.contextmanager
 def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
     """Restores parameters, buffers, gradients, optimizer state and random number generators (torch's,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import replace
 
 from rich.console import Console
@@ -12,7 +11,7 @@ from rich.table import Table
 from planner.execution import apply
 from planner.measurement import Measurement, measure
 from planner.core.sizes import format_bytes
-from planner.step import paired_ratio, timed_ms, train_step
+from planner.step import paired_ms, timed_ms, train_step
 from planner.workload import Workload
 from planner.core.plan import Plan
 
@@ -26,8 +25,7 @@ def run_under_plan(
     workload: Workload, plan: Plan, steps: int, console: Console | None = None
 ) -> tuple[Measurement, Measurement]:
     """Train `steps` steps under the plan, each after one step without it; the unplanned and the
-    planned measurements: the unplanned step's median time, and the planned step's as that times the
-    median ratio of each planned step to the unplanned one just before it (`paired_ratio`).
+    planned measurements, their step times by `planner.step.paired_ms`.
 
     Both kinds of step train the model the same way (a plan does not change numerics); taking them
     in turns lets each pair see the machine in the same state. The peaks are measured last.
@@ -50,10 +48,8 @@ def run_under_plan(
         planned = measure(w.model, w.batch, steps=1, warmup=0, **step_args)
     finally:
         handle.remove()
-    return (
-        replace(unplanned, step_ms=statistics.median(unplanned_ms), steps=steps),
-        replace(planned, step_ms=statistics.median(unplanned_ms) * paired_ratio(unplanned_ms, planned_ms), steps=steps),
-    )
+    before_ms, after_ms = paired_ms(unplanned_ms, planned_ms)
+    return replace(unplanned, step_ms=before_ms, steps=steps), replace(planned, step_ms=after_ms, steps=steps)
 
 
 def comparison_table(plan: Plan, unplanned: Measurement, planned: Measurement) -> Table:

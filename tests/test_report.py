@@ -23,7 +23,7 @@ from planner.plot import plot_timeline
 from planner.core.sizes import format_bytes, parse_bytes
 from planner.report import peak_panel, units_table
 from planner.core.simulator import Simulation
-from planner.step import paired_ratio
+from planner.step import paired_ms, paired_ratio
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -218,5 +218,6 @@ def test_a_step_time_ratio_sees_one_pace_per_pair():
     before = [600.0, 600.0, 900.0, 900.0, 900.0]
     after = [660.0, 780.0, 1080.0, 990.0, 1170.0]
     assert paired_ratio(before, after) == pytest.approx(1.2)  # a ratio of the two medians says 1.1
+    assert paired_ms(before, after) == (900.0, pytest.approx(1080.0))  # the planned time reported
     with pytest.raises(ValueError):
         paired_ratio(before, after[1:])

@@ -9,7 +9,6 @@ trains and measures under the plan. The scenario's batch size is per rank.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,7 +24,7 @@ from planner.execution import apply
 from planner.planning import hold, load_plan, plan_ranks
 from planner.profiling import unit_names
 from planner.scenario import load_scenario
-from planner.step import paired_ratio, timed_ms, train_step
+from planner.step import paired_ms, timed_ms, train_step
 
 
 @dataclass(frozen=True)
@@ -117,14 +116,19 @@ def train_rank(rank: int, world_size: int, job: RankJob) -> RankReport:
     with hold(wrapped.module, graph, _job_plan(job, graph), w.batch, solve=_solve(job), **step) as checked:
         plan = checked.plan
     unplanned = measure_rank(wrapped, w.batch, steps=0, **step)
+
+    def one() -> float:
+        return timed_ms(lambda: train_step(wrapped.module, w.batch, **step), w.device)
+
     with apply(wrapped.module, plan) as handle:
         before, after = [], []
         for _ in range(job.steps):
             handle.remove()
-            before.append(timed_ms(lambda: train_step(wrapped.module, w.batch, **step), w.device))
+            before.append(one())
             handle.install()
-            after.append(timed_ms(lambda: train_step(wrapped.module, w.batch, **step), w.device))
+            after.append(one())
         planned = measure_rank(wrapped, w.batch, steps=1, warmup=0, **step)
+    unplanned_ms, planned_ms = paired_ms(before, after)
     return RankReport(
         rank=rank,
         budget_bytes=plan.budget_bytes,
@@ -132,7 +136,7 @@ def train_rank(rank: int, world_size: int, job: RankJob) -> RankReport:
         unplanned_measured_bytes=unplanned.peak_bytes,
         predicted_bytes=simulate(graph, plan.choices).peak_bytes,
         measured_bytes=planned.peak_bytes,
-        unplanned_step_ms=statistics.median(before),
-        step_ms=statistics.median(before) * paired_ratio(before, after),
+        unplanned_step_ms=unplanned_ms,
+        step_ms=planned_ms,
         plan=plan if rank == 0 else None,
     )
