@@ -11,7 +11,7 @@ import contextlib
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +187,20 @@ def paired_ms(before: list[float], after: list[float]) -> tuple[float, float]:
     without a plan and, each taken just after one of them, with it."""
     ms = statistics.median(before)
     return ms, ms * paired_ratio(before, after)
+
+
+def timed_in_turns(
+    handle: Any, fn: Callable[[], Any], device: torch.device, rounds: Iterable[Any]
+) -> tuple[float, float]:
+    """Per round, `fn()` with the plan's `handle` removed, then installed (it is left installed); the
+    step times of both by `paired_ms`."""
+    before, after = [], []
+    for _ in rounds:
+        handle.remove()
+        before.append(timed_ms(fn, device))
+        handle.install()
+        after.append(timed_ms(fn, device))
+    return paired_ms(before, after)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from rich.table import Table
 from planner.execution import apply
 from planner.measurement import Measurement, measure
 from planner.core.sizes import format_bytes
-from planner.step import paired_ms, timed_ms, train_step
+from planner.step import timed_in_turns, train_step
 from planner.workload import Workload
 from planner.core.plan import Plan
 
@@ -25,7 +25,7 @@ def run_under_plan(
     workload: Workload, plan: Plan, steps: int, console: Console | None = None
 ) -> tuple[Measurement, Measurement]:
     """Train `steps` steps under the plan, each after one step without it; the unplanned and the
-    planned measurements, their step times by `planner.step.paired_ms`.
+    planned measurements, their step times by `planner.step.timed_in_turns`.
 
     Both kinds of step train the model the same way (a plan does not change numerics); taking them
     in turns lets each pair see the machine in the same state. The peaks are measured last.
@@ -38,17 +38,12 @@ def run_under_plan(
         train_step(w.model, w.batch, **step_args)
 
     handle = apply(w.model, plan)
-    unplanned_ms, planned_ms = [], []
     try:
-        for _ in track(range(steps), description="training under the plan", console=console, transient=True):
-            handle.remove()
-            unplanned_ms.append(timed_ms(step, w.device))
-            handle.install()
-            planned_ms.append(timed_ms(step, w.device))
+        rounds = track(range(steps), description="training under the plan", console=console, transient=True)
+        before_ms, after_ms = timed_in_turns(handle, step, w.device, rounds)
         planned = measure(w.model, w.batch, steps=1, warmup=0, **step_args)
     finally:
         handle.remove()
-    before_ms, after_ms = paired_ms(unplanned_ms, planned_ms)
     return replace(unplanned, step_ms=before_ms, steps=steps), replace(planned, step_ms=after_ms, steps=steps)
 
 

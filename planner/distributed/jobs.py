@@ -24,7 +24,7 @@ from planner.execution import apply
 from planner.planning import hold, load_plan, plan_ranks
 from planner.profiling import unit_names
 from planner.scenario import load_scenario
-from planner.step import paired_ms, timed_ms, train_step
+from planner.step import timed_in_turns, train_step
 
 
 @dataclass(frozen=True)
@@ -108,27 +108,18 @@ def plan_rank(rank: int, world_size: int, job: RankJob):
 
 def train_rank(rank: int, world_size: int, job: RankJob) -> RankReport:
     """Profile, plan (checked on a first planned step, `planner.planning.hold`), measure the unplanned
-    step, train `job.steps` steps under the plan, each after one without it, and measure it (step
-    times as in `planner.training.run_under_plan`)."""
+    step, train `job.steps` steps under the plan, each after one without it (`timed_in_turns`), and
+    measure it."""
     w, wrapped = rank_workload(job, rank)
     step = _step_args(w)
     graph = profile_rank(wrapped, w.batch, **step)
     with hold(wrapped.module, graph, _job_plan(job, graph), w.batch, solve=_solve(job), **step) as checked:
         plan = checked.plan
     unplanned = measure_rank(wrapped, w.batch, steps=0, **step)
-
-    def one() -> float:
-        return timed_ms(lambda: train_step(wrapped.module, w.batch, **step), w.device)
-
     with apply(wrapped.module, plan) as handle:
-        before, after = [], []
-        for _ in range(job.steps):
-            handle.remove()
-            before.append(one())
-            handle.install()
-            after.append(one())
+        one = lambda: train_step(wrapped.module, w.batch, **step)
+        unplanned_ms, planned_ms = timed_in_turns(handle, one, w.device, range(job.steps))
         planned = measure_rank(wrapped, w.batch, steps=1, warmup=0, **step)
-    unplanned_ms, planned_ms = paired_ms(before, after)
     return RankReport(
         rank=rank,
         budget_bytes=plan.budget_bytes,
