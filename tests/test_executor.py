@@ -274,6 +274,9 @@ class DropsAnOutput(nn.Module):
         return x
 
 
+STEPS_FOR_AN_ID = 5
+
+
 def test_a_new_tensor_that_takes_a_dropped_output_s_id_is_not_replayed_as_that_output():
     torch.manual_seed(0)
     model, twin = DropsAnOutput(), DropsAnOutput()
@@ -282,10 +285,11 @@ def test_a_new_tensor_that_takes_a_dropped_output_s_id_is_not_replayed_as_that_o
     graph = planner.profile(model, (x,), loss_fn=lambda out: out.square().mean(), units=["Pair"])
     plan = plan_of(graph, Choice(Action.RECOMPUTE, tuple(u.index for u in graph.units)))
     model.reused.clear()
-    with planner.apply(model, plan):
-        model(x).square().mean().backward()
+    for _ in range(STEPS_FOR_AN_ID):  # whether CPython hands out a freed id at once varies from run to run
+        with planner.apply(model, plan):
+            model(x).square().mean().backward()
+        twin(x).square().mean().backward()
     assert any(model.reused)  # else this test shows nothing
-    twin(x).square().mean().backward()
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), twin.parameters()))
 
 
